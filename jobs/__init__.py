@@ -1,0 +1,1 @@
+"""PyFlink job entry points and their shared wiring."""

@@ -1,0 +1,64 @@
+"""Configuration: ``streamlift.yaml`` plus ``STREAMLIFT_<SECTION>__<KEY>`` environment
+overrides, frozen after loading.
+
+>>> cfg = load(env={"STREAMLIFT_FEATURES__OUT_OF_ORDERNESS": "10m"})
+>>> cfg.features["out_of_orderness"], cfg.features["half_lives"]
+('10m', ('1h', '1d', '7d'))
+>>> cfg.features["click_window"] = "2h"
+Traceback (most recent call last):
+...
+TypeError: 'mappingproxy' object does not support item assignment
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import yaml
+
+__all__ = ["Config", "load", "ROOT"]
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "STREAMLIFT_"
+
+
+def _freeze(v):
+    if isinstance(v, dict):
+        return MappingProxyType({k: _freeze(x) for k, x in v.items()})
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: MappingProxyType
+    features: MappingProxyType
+    flink: MappingProxyType
+    feast: MappingProxyType
+
+    @property
+    def data_dir(self) -> Path:
+        p = Path(self.paths["data_dir"])
+        return p if p.is_absolute() else ROOT / p
+
+    def engine_params(self) -> dict:
+        """Constructor arguments of ``udfs.features.FeatureEngine``."""
+        return dict(self.features)
+
+
+def load(path: str | os.PathLike | None = None, env: dict | None = None) -> Config:
+    env = os.environ if env is None else env
+    path = Path(path or env.get("STREAMLIFT_CONFIG", ROOT / "streamlift.yaml"))
+    raw = yaml.safe_load(path.read_text())
+    for key, value in env.items():
+        if not key.startswith(PREFIX) or "__" not in key:
+            continue
+        section, _, name = key[len(PREFIX):].lower().partition("__")
+        if section not in raw:
+            raise KeyError(f"{key}: no section {section!r} in {path}")
+        raw[section][name] = yaml.safe_load(value)
+    return Config(**{k: _freeze(v) for k, v in raw.items()})

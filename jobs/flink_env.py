@@ -1,0 +1,43 @@
+"""Shared Flink wiring: the execution environment with flink-conf/ applied."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from jobs.config import ROOT, Config
+
+__all__ = ["flink_settings", "stream_env", "python_files"]
+
+
+def flink_settings(cfg: Config, checkpoint_dir: Path | None = None) -> dict:
+    profile = cfg.flink["profile"]
+    settings = yaml.safe_load((ROOT / "flink-conf" / profile / "config.yaml").read_text())
+    settings = {k: str(v) for k, v in settings.items()}
+    # the Python workers run this interpreter (the project's virtual environment)
+    settings.setdefault("python.executable", sys.executable)
+    settings.setdefault("python.client.executable", sys.executable)
+    if checkpoint_dir is not None:
+        settings["state.checkpoints.dir"] = checkpoint_dir.resolve().as_uri()
+    return settings
+
+
+def python_files() -> str:
+    """The project's packages, shipped with the job to cluster workers."""
+    return ",".join(str(ROOT / p) for p in ("schemas", "udfs", "jobs"))
+
+
+def stream_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict | None = None):
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+
+    conf = Configuration()
+    for k, v in {**flink_settings(cfg, checkpoint_dir), **(overrides or {})}.items():
+        conf.set_string(k, str(v))
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.add_python_file(str(ROOT / "schemas"))
+    env.add_python_file(str(ROOT / "udfs"))
+    env.add_python_file(str(ROOT / "jobs"))
+    return env

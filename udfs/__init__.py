@@ -1,0 +1,1 @@
+"""streamlift logic in plain Python: no Flink import anywhere in this package."""
