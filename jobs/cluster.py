@@ -1,0 +1,134 @@
+"""A real standalone Flink cluster from the apache-flink pip distribution, and job submission.
+
+    python -m jobs.cluster up        # bin/start-cluster.sh with FLINK_CONF_DIR=flink-conf/cluster
+    python -m jobs.cluster submit --job features --input data/sim --data-dir /abs/path
+    python -m jobs.cluster down      # bin/stop-cluster.sh
+
+Submission is ``bin/flink run -py jobs/<job>.py -pyfs schemas,udfs,jobs -pyexec <venv python>``:
+the same job file as the local run, only the configuration differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from jobs.config import ROOT
+
+__all__ = ["flink_home", "up", "down", "submit", "rest_ready"]
+
+REST = "http://localhost:8081"
+
+
+def flink_home() -> Path:
+    import pyflink
+
+    return Path(pyflink.__file__).resolve().parent
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    home = flink_home()
+    conf = Path("/tmp/streamlift-cluster/conf")
+    # the distribution's scripts also want log4j files beside config.yaml
+    conf.mkdir(parents=True, exist_ok=True)
+    for f in (home / "conf").iterdir():
+        if f.is_file() and f.name != "config.yaml":
+            shutil.copy(f, conf / f.name)
+    # the distribution's defaults (JVM --add-opens for Java 17, ...) overlaid with ours
+    merged = _flatten(yaml.safe_load((home / "conf" / "config.yaml").read_text()))
+    merged.update(_flatten(yaml.safe_load((ROOT / "flink-conf" / "cluster" / "config.yaml").read_text())))
+    (conf / "config.yaml").write_text(yaml.safe_dump(merged, default_flow_style=False))
+    log_dir = Path("/tmp/streamlift-cluster/log")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env.update(FLINK_HOME=str(home), FLINK_CONF_DIR=str(conf), FLINK_LOG_DIR=str(log_dir))
+    return env
+
+
+def rest_ready(timeout: float = 0) -> dict | None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(REST + "/overview", timeout=2) as r:
+                ov = json.load(r)
+                if ov.get("taskmanagers", 0) >= 1:
+                    return ov
+        except OSError:
+            pass
+        if time.time() >= deadline:
+            return None
+        time.sleep(1)
+
+
+def up(timeout: float = 90) -> dict:
+    home = flink_home()
+    for script in home.glob("bin/*.sh"):
+        script.chmod(script.stat().st_mode | 0o111)
+    subprocess.run(["bash", str(home / "bin" / "start-cluster.sh")], env=_env(), check=True)
+    ov = rest_ready(timeout)
+    if ov is None:
+        raise RuntimeError(f"Flink cluster did not come up within {timeout}s; logs in /tmp/streamlift-cluster/log")
+    return ov
+
+
+def down() -> None:
+    home = flink_home()
+    subprocess.run(["bash", str(home / "bin" / "stop-cluster.sh")], env=_env(), check=False)
+
+
+def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    home = flink_home()
+    env = _env()
+    env["STREAMLIFT_ON_CLUSTER"] = "1"
+    env["STREAMLIFT_PATHS__DATA_DIR"] = str(Path(data_dir).resolve())
+    cmd = ["bash", str(home / "bin" / "flink"), "run",
+           "-py", str(ROOT / "jobs" / f"{job}.py"),
+           "-pyfs", ",".join(str(ROOT / p) for p in ("schemas", "udfs", "jobs")),
+           "-pyexec", sys.executable, "-pyclientexec", sys.executable,
+           "--input", str(Path(input_dir).resolve()), "--data-dir", str(Path(data_dir).resolve()),
+           *(extra or [])]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="standalone Flink cluster")
+    p.add_argument("action", choices=["up", "down", "submit", "status"])
+    p.add_argument("--job", default="features")
+    p.add_argument("--input")
+    p.add_argument("--data-dir")
+    a = p.parse_args(argv)
+    if a.action == "up":
+        print(json.dumps(up()))
+    elif a.action == "down":
+        down()
+    elif a.action == "status":
+        print(json.dumps(rest_ready()))
+    else:
+        r = submit(a.job, a.input, a.data_dir)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr[-5000:])
+        sys.exit(r.returncode)
+
+
+if __name__ == "__main__":
+    main()
