@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def stream_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict 
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
+    # On the local mini-cluster PyFlink would run every Python operator as a thread of
+    # this process ("loopback"), all behind one GIL; in process mode each operator gets
+    # its own Python worker, so reading, the engine and the sinks use both cores.
+    os.environ.setdefault("_python_worker_execution_mode", "process")
     conf = Configuration()
     for k, v in {**flink_settings(cfg, checkpoint_dir), **(overrides or {})}.items():
         conf.set_string(k, str(v))

@@ -39,7 +39,8 @@ def write_slice_output(cfg: Config, store, o) -> dict:
     offline = {kt: len(df) for kt, df in o.features.items()}
     for kt, df in o.features.items():
         write_offline(cfg, kt, o.seq, df)
-    online = {kt: write_online(store, kt, df) for kt, df in o.online.items()}
+    online = {kt: write_online(store, kt, df) for kt, df in o.online.items()} \
+        if cfg.feast["write_online"] else {}
     if o.quarantine:
         body = b"".join(orjson.dumps({"stream": st, "reason": r, "reason_kind": reason_kind(r),
                                       "record": rec}) + b"\n" for st, rec, r in o.quarantine)

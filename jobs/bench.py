@@ -1,0 +1,194 @@
+"""make bench: the features job against a naive per-event-state variant and the Flink SQL ceiling.
+
+All variants read the same simulated input in the same run, on the local
+mini-cluster with checkpointing on:
+
+* ``features``            the job as shipped, Feast online store on SQLite;
+* ``features_no_online``  the same job writing only the offline store and the enriched decisions;
+* ``naive``               a Python KeyedProcessFunction reading and writing a ValueState per event
+                          (thread mode, its fastest setting), on the first ``--naive-events`` lines;
+* ``flink_sql``           Flink SQL, JSON files -> blackhole (all Java), columns from schemas/.
+
+Each is reported as events/s end to end and *net* of the start-up time of an
+empty job measured in the same run; ratios are net/net. Results go to
+``<out>/features.json``.
+
+    python -m jobs.bench --events 1000000 --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from jobs.config import load as load_config
+
+DECISION_KEY = "user_id"
+
+
+def _timed(fn):
+    t0 = time.time()
+    fn()
+    return time.time() - t0
+
+
+def startup_seconds(cfg) -> float:
+    from pyflink.common import Types
+
+    from jobs.flink_env import stream_env
+
+    env = stream_env(cfg)
+    env.from_collection([1], type_info=Types.INT()).map(lambda x: x, output_type=Types.INT()) \
+        .print()
+    return _timed(lambda: env.execute("startup"))
+
+
+def run_features(sim: Path, data: Path, write_online: bool) -> dict:
+    from jobs.features import run
+
+    if data.exists():
+        shutil.rmtree(data)
+    cfg = load_config(env={**os.environ, "STREAMLIFT_PATHS__DATA_DIR": str(data),
+                           "STREAMLIFT_FEAST__WRITE_ONLINE": str(write_online).lower()})
+    return run(cfg, sim)
+
+
+def run_naive(cfg, sim: Path, max_lines: int) -> tuple[int, float]:
+    """Per event: one ValueState read and write of the key's 9 decayed sums."""
+    import math
+
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction
+    from pyflink.datastream.state import ValueStateDescriptor
+
+    from jobs.flink_env import stream_env
+    from udfs.ingest import read_slice
+    from udfs.features import parse_duration
+
+    manifests = sorted((sim / "manifest").glob("part-*.json"))
+    lines, chosen = 0, []
+    for m in manifests:
+        if lines >= max_lines:
+            break
+        chosen.append(m.read_text())
+        lines += sum(json.loads(m.read_text())["lines"].values())
+    rates = [math.log(2) / parse_duration(h) for h in cfg.features["half_lives"]]
+
+    def explode(manifest_line):
+        s = read_slice(manifest_line)
+        for kind, recs in s.batches.items():
+            for r in recs:
+                # decisions by user, outcomes by decision id: t is field 1 or 2
+                if kind == "decision":
+                    yield r[2], r[1], 0
+                else:
+                    yield r[1], r[2], 1 if kind == "click" else 2
+
+    class Naive(KeyedProcessFunction):
+        def open(self, ctx):
+            self.state = ctx.get_state(ValueStateDescriptor("acc", Types.PICKLED_BYTE_ARRAY()))
+
+        def process_element(self, value, ctx):
+            key, t, metric = value
+            acc = self.state.value()
+            if acc is None:
+                acc = [t, [0.0] * 9]
+            dt = t - acc[0]
+            vals = acc[1]
+            for h, r in enumerate(rates):
+                f = math.exp(-r * max(dt, 0))
+                for m in range(3):
+                    vals[m * 3 + h] *= f
+                vals[metric * 3 + h] += 1.0
+            acc[0] = max(acc[0], t)
+            self.state.update(acc)
+
+    env = stream_env(cfg, overrides={"python.execution-mode": "thread"})
+    (env.from_collection(chosen, type_info=Types.STRING())
+     .flat_map(explode, output_type=Types.TUPLE([Types.STRING(), Types.LONG(), Types.INT()]))
+     .key_by(lambda v: v[0], key_type=Types.STRING())
+     .process(Naive()).name("naive-per-event-state"))
+    return lines, _timed(lambda: env.execute("naive"))
+
+
+def run_flink_sql(sim: Path) -> tuple[int, float]:
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from schemas import CONTRACTS
+
+    t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
+    t_env.get_config().set("execution.checkpointing.interval", "5s")
+    t_env.get_config().set("parallelism.default", "2")
+    selects = []
+    for name, c in CONTRACTS.items():
+        t_env.execute_sql(f"""CREATE TABLE src_{name} (
+  {c.flink_sql_columns()}
+) WITH ('connector' = 'filesystem', 'path' = '{(sim / name).resolve()}', 'format' = 'json',
+        'json.ignore-parse-errors' = 'true')""")
+        selects.append(f"SELECT `{c.id_field}` AS id, event_time FROM src_{name}")
+    t_env.execute_sql("CREATE TABLE sink (id STRING, event_time BIGINT) WITH ('connector' = 'blackhole')")
+    lines = sum(json.loads((sim / "truth" / "summary.json").read_text())["lines"].values())
+    stmt = "INSERT INTO sink " + " UNION ALL ".join(selects)
+    return lines, _timed(lambda: t_env.execute_sql(stmt).wait())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--naive-events", type=int, default=200_000)
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sim = out / f"sim-{args.events}"
+    if not (sim / "truth" / "summary.json").exists():
+        from jobs.simulate import simulate
+
+        simulate(sim, events=args.events, users=100_000, days=7.0, slice_lines=50_000, seed=7)
+    cfg = load_config()
+    os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(out / "startup")
+
+    results = {"machine": f"{os.cpu_count()} cores", "input_lines": None}
+    startup = startup_seconds(cfg)
+    results["startup_seconds"] = round(startup, 2)
+
+    def entry(n, wall):
+        net = max(wall - startup, 1e-9)
+        return {"events": n, "wall_seconds": round(wall, 2),
+                "events_per_second": round(n / wall), "net_events_per_second": round(n / net)}
+
+    s = run_features(sim, out / "run-features", write_online=True)
+    results["input_lines"] = s["events_in"]
+    results["features"] = {**entry(s["events_in"], s["wall_seconds"]),
+                           "online_rows": sum(s["feature_rows_online"].values()), "reconciles": s["reconciles"]}
+    s2 = run_features(sim, out / "run-features-no-online", write_online=False)
+    results["features_no_online"] = {**entry(s2["events_in"], s2["wall_seconds"]),
+                                     "reconciles": s2["reconciles"]}
+    n, wall = run_naive(cfg, sim, args.naive_events)
+    results["naive"] = entry(n, wall)
+    n, wall = run_flink_sql(sim)
+    results["flink_sql"] = entry(n, wall)
+    net = {k: results[k]["net_events_per_second"] for k in ("features", "features_no_online", "naive", "flink_sql")}
+    results["ratios"] = {
+        "features_vs_naive": round(net["features"] / net["naive"], 2),
+        "features_no_online_vs_naive": round(net["features_no_online"] / net["naive"], 2),
+        "features_vs_flink_sql": round(net["features"] / net["flink_sql"], 3),
+        "features_no_online_vs_flink_sql": round(net["features_no_online"] / net["flink_sql"], 3),
+    }
+    (out / "features.json").write_text(json.dumps(results, indent=2))
+    print("\n== make bench: features job (events/s, net of start-up %.1f s) ==" % startup)
+    for k in ("features", "features_no_online", "naive", "flink_sql"):
+        r = results[k]
+        print(f"{k:<20} {r['events']:>10,} events  {r['wall_seconds']:>7.1f} s  "
+              f"{r['events_per_second']:>9,}/s end to end  {r['net_events_per_second']:>9,}/s net")
+    for k, v in results["ratios"].items():
+        print(f"{k:<34} {v}")
+    print(f"written to {out / 'features.json'}")
+
+
+if __name__ == "__main__":
+    main()
