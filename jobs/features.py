@@ -129,18 +129,22 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     if follow:
         builder = builder.monitor_continuously(Duration.of_seconds(1))
     manifests = env.from_source(builder.build(), WatermarkStrategy.no_watermarks(),
-                                "slice-manifests").uid("slice-manifests").set_parallelism(1)
+                                "slice-manifests").uid("slice-manifests").set_parallelism(1) \
+        .slot_sharing_group("read")
     shards = int(cfg.flink["engine_shards"])
+    # each step in its own slot sharing group: its own task slot, so its own Python
+    # worker process (Python operators sharing a slot share one interpreter and its GIL)
     slices = (manifests
               .map(read_validate, output_type=Types.PICKLED_BYTE_ARRAY())
-              .name("read-validate").uid("read-validate"))
+              .name("read-validate").uid("read-validate").slot_sharing_group("read"))
     outputs = (slices
                .key_by(lambda b: 0 if shards == 1 else pickle.loads(b).seq % shards, key_type=Types.INT())
                .process(_engine_function(cfg.engine_params()), output_type=Types.PICKLED_BYTE_ARRAY())
-               .name("features-engine").uid("features-engine").set_parallelism(shards))
+               .name("features-engine").uid("features-engine").set_parallelism(shards)
+               .slot_sharing_group("engine"))
     stats = (outputs
              .map(_sink_function(cfg), output_type=Types.STRING())
-             .name("sinks").uid("sinks").set_parallelism(1).start_new_chain())
+             .name("sinks").uid("sinks").set_parallelism(1).slot_sharing_group("sinks"))
     return stats
 
 

@@ -98,17 +98,40 @@ class _KeyTable:
     def __init__(self, n_cols: int):
         self.index: dict[str, int] = {}
         self.keys: list[str] = []
+        self.parts: list[tuple] = []        # entity values of each row, for the feature frames
         self.sums = np.zeros((0, n_cols))
         self.last_t = np.zeros(0, dtype=np.int64)
         self.new_keys: list[str] = []
+        self._ent = (0, [])                 # (rows covered, entity columns as numpy arrays)
 
-    def row(self, key: str) -> int:
-        r = self.index.get(key)
-        if r is None:
-            r = self.index[key] = len(self.keys)
-            self.keys.append(key)
-            self.new_keys.append(key)
+    def add(self, key: str) -> int:
+        r = self.index[key] = len(self.keys)
+        self.keys.append(key)
+        self.parts.append(tuple(key.split(KEY_SEP)))
+        self.new_keys.append(key)
         return r
+
+    def entity_columns(self) -> list[np.ndarray]:
+        """Entity values per column for every row, as object arrays (rebuilt when keys grew)."""
+        n, cols = self._ent
+        if n != len(self.keys):
+            extra = list(zip(*self.parts[n:]))
+            cols = [np.concatenate([cols[i], np.array(extra[i], dtype=object)]) if cols
+                    else np.array(extra[i], dtype=object) for i in range(len(extra))]
+            self._ent = (len(self.keys), cols)
+        return cols
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """Row of each key, adding the keys not seen before (in order of first appearance)."""
+        get = self.index.get
+        rows = [get(k, -1) for k in keys]
+        if -1 in rows:
+            for j, r in enumerate(rows):
+                if r == -1:
+                    rows[j] = get(keys[j], -1)
+                    if rows[j] == -1:
+                        rows[j] = self.add(keys[j])
+        return np.array(rows, dtype=np.int64)
 
     def grow(self) -> None:
         n = len(self.keys)
@@ -183,11 +206,12 @@ class FeatureEngine:
         if seq < self.next_seq or seq in self.waiting:
             return []   # a replayed slice this engine has already taken
         self.waiting[seq] = {"batches": batches, "lines": lines, "quarantined": quarantined or []}
-        self._dirty["core"] = True
+        self._dirty[f"wait:{seq}"] = True
         outs = []
         while self.next_seq in self.waiting:
             s = self.next_seq
             item = self.waiting.pop(s)
+            self._dirty[f"wait:{s}"] = None
             outs.append(self._process_slice(s, item["batches"], item["lines"], item["quarantined"]))
             self.next_seq += 1
         return outs
@@ -303,63 +327,82 @@ class FeatureEngine:
         tables = self.tables
         dec_fields = self._fields["decision"]
         f = {name: i for i, name in enumerate(dec_fields)}
-        i_user, i_camp, i_cre, i_arm, i_consent = (f["user_id"], f["campaign_id"],
-                                                   f["creative_id"], f["arm"], f["consent"])
-        # contributions: per key type, (row, pos, metric, t); queries: (row, pos, t)
-        contrib = {kt: ([], [], [], []) for kt in KEY_TYPES}
-        queries = {kt: ([], [], []) for kt in KEY_TYPES}
-        dec_records, dec_pos = [], []
-        new_decisions = []
-        for pos, (t, rank, eid, kind, rec) in enumerate(events):
-            if rank == 0:
-                user, camp, cre = rec[i_user], rec[i_camp], rec[i_cre]
-                if rec[i_consent]:
-                    rows = (tables["user"].row(user),
-                            tables["user_campaign"].row(user + KEY_SEP + camp),
-                            tables["campaign_creative"].row(camp + KEY_SEP + cre))
-                else:
-                    rows = (-1, -1, tables["campaign_creative"].row(camp + KEY_SEP + cre))
-                treated = rec[i_arm] == "treatment"
-                value = (t, rows)
-                self.decisions[eid] = value
-                new_decisions.append((eid, value))
-                for kt, r in zip(KEY_TYPES, rows):
-                    if r < 0:
-                        continue
-                    q = queries[kt]
-                    q[0].append(r); q[1].append(pos); q[2].append(t)
-                    if treated:
-                        cb = contrib[kt]
-                        cb[0].append(r); cb[1].append(pos); cb[2].append(0); cb[3].append(t)
-                dec_records.append(rec)
-                dec_pos.append(pos)
-                counts["decision"] = counts.get("decision", 0) + 1
-            else:
-                did = rec[1]   # decision_id is the second field of click and conversion
-                d = self.decisions.get(did)
-                if d is None or not (0 <= t - d[0] <= self._windows[kind]):
-                    out.quarantine.append((kind, dict(zip(self._fields[kind], rec)), "unattributed"))
-                    continue
-                m = _METRIC_OF_KIND[kind]
-                for kt, r in zip(KEY_TYPES, d[1]):
-                    if r >= 0:
-                        cb = contrib[kt]
-                        cb[0].append(r); cb[1].append(pos); cb[2].append(m); cb[3].append(t)
-                counts[kind] = counts.get(kind, 0) + 1
-        if new_decisions:
+        n = len(events)
+        ranks = np.fromiter((e[1] for e in events), np.int8, n)
+        ts_all = np.fromiter((e[0] for e in events), np.int64, n)
+        dec_pos = np.flatnonzero(ranks == 0)
+        out_pos = np.flatnonzero(ranks != 0)
+        # contributions and queries per key type: arrays of rows, positions, metrics, times
+        contrib = {kt: [] for kt in KEY_TYPES}
+        queries = {kt: None for kt in KEY_TYPES}
+        dec_records = []
+        if len(dec_pos):
+            dec_records = [events[i][4] for i in dec_pos]
+            dec_cols = list(zip(*dec_records))
+            users, camps, cres = dec_cols[f["user_id"]], dec_cols[f["campaign_id"]], dec_cols[f["creative_id"]]
+            consent = np.array(dec_cols[f["consent"]], dtype=bool)
+            treated = np.array([a == "treatment" for a in dec_cols[f["arm"]]], dtype=bool)
+            nd = len(dec_records)
+            rows = {kt: np.full(nd, -1, dtype=np.int64) for kt in KEY_TYPES}
+            rows["campaign_creative"] = tables["campaign_creative"].rows(
+                [c + KEY_SEP + k for c, k in zip(camps, cres)])
+            ci = np.flatnonzero(consent)
+            if len(ci):
+                cil = ci.tolist()
+                rows["user"][ci] = tables["user"].rows([users[i] for i in cil])
+                rows["user_campaign"][ci] = tables["user_campaign"].rows(
+                    [users[i] + KEY_SEP + camps[i] for i in cil])
+            t_dec = ts_all[dec_pos]
+            values = list(zip(t_dec.tolist(), zip(*(rows[kt].tolist() for kt in KEY_TYPES))))
+            new_decisions = list(zip((events[i][2] for i in dec_pos), values))
+            self.decisions.update(new_decisions)
             seq = out.seq
             prev = self._dec_chunks.get(seq)
             items = (prev[1] if prev else []) + new_decisions
-            self._dec_chunks[seq] = (max(v[0] for _, v in items), items)
+            self._dec_chunks[seq] = (int(t_dec.max()) if prev is None else max(prev[0], int(t_dec.max())), items)
             self._dirty[f"dec:{seq}"] = True
+            for kt in KEY_TYPES:
+                r = rows[kt]
+                has = r >= 0
+                queries[kt] = (r[has], dec_pos[has], t_dec[has])
+                m = has & treated
+                contrib[kt].append((r[m], dec_pos[m], np.zeros(int(m.sum()), np.int64), t_dec[m]))
+            counts["decision"] = counts.get("decision", 0) + nd
+        if len(out_pos):
+            dget = self.decisions.get
+            found = [dget(events[i][4][1]) for i in out_pos]   # decision_id: 2nd field of outcomes
+            ok = []
+            for j, i in enumerate(out_pos.tolist()):
+                d = found[j]
+                t, kind = events[i][0], events[i][3]
+                if d is None or not (0 <= t - d[0] <= self._windows[kind]):
+                    out.quarantine.append((kind, dict(zip(self._fields[kind], events[i][4])), "unattributed"))
+                    ok.append(False)
+                else:
+                    ok.append(True)
+            ok = np.array(ok, dtype=bool)
+            good = out_pos[ok]
+            if len(good):
+                d_rows = np.array([found[j][1] for j in np.flatnonzero(ok).tolist()], dtype=np.int64)
+                metric = np.where(ranks[good] == 1, 1, 2).astype(np.int64)
+                for k, kt in enumerate(KEY_TYPES):
+                    r = d_rows[:, k]
+                    has = r >= 0
+                    contrib[kt].append((r[has], good[has], metric[has], ts_all[good][has]))
+                n_click = int((ranks[good] == 1).sum())
+                counts["click"] = counts.get("click", 0) + n_click
+                counts["conversion"] = counts.get("conversion", 0) + len(good) - n_click
+        contrib = {kt: tuple(np.concatenate([c[i] for c in parts]) if parts else np.zeros(0, np.int64)
+                             for i in range(4)) for kt, parts in contrib.items()}
+        queries = {kt: q if q is not None else (np.zeros(0, np.int64),) * 3 for kt, q in queries.items()}
 
         feats = {}
         H = len(self.half_lives)
         for kt in KEY_TYPES:
             tab = tables[kt]
             tab.grow()
-            rows, pos, met, ts = (np.asarray(a) for a in contrib[kt])
-            qrows, qpos, qts = (np.asarray(a) for a in queries[kt])
+            rows, pos, met, ts = contrib[kt]
+            qrows, qpos, qts = queries[kt]
             n_c = len(rows)
             vals = np.zeros((n_c, self._n_cols))
             if n_c:
@@ -390,31 +433,26 @@ class FeatureEngine:
                 touched[kt].update(rows.tolist())
                 self.online_touched[kt].update(rows.tolist())
         if dec_records:
-            df = pd.DataFrame.from_records(dec_records, columns=dec_fields)
-            pos_to_i = {p: i for i, p in enumerate(dec_pos)}
+            data = dict(zip(dec_fields, dec_cols))
             for kt in KEY_TYPES:
                 block = np.full((len(dec_records), self._n_cols), np.nan)
                 if kt in feats:
                     qpos, full = feats[kt]
-                    block[[pos_to_i[p] for p in qpos.tolist()]] = full
+                    block[np.searchsorted(dec_pos, qpos)] = full
                 for j, name in enumerate(self.feature_columns):
-                    df[f"{kt}__{name}"] = block[:, j]
-            enriched.append(df)
+                    data[f"{kt}__{name}"] = block[:, j]
+            enriched.append(pd.DataFrame(data))
 
     def _feature_frame(self, kt: str, rows: np.ndarray) -> pd.DataFrame:
         tab = self.tables[kt]
         last = tab.last_t[rows]
         decay = np.exp(-np.outer(last - self.landmark, self._rates))
         vals = tab.sums[rows] * np.tile(decay, (1, len(METRICS)))
-        keys = [tab.keys[r] for r in rows.tolist()]
-        df = pd.DataFrame(vals, columns=self.feature_columns)
         ents = ENTITY_COLUMNS[kt]
-        if len(ents) == 1:
-            df.insert(0, ents[0], keys)
-        else:
-            parts = [k.split(KEY_SEP) for k in keys]
-            for i, e in enumerate(ents):
-                df.insert(i, e, [p[i] for p in parts])
+        cols = tab.entity_columns() if len(rows) else [np.zeros(0, dtype=object)] * len(ents)
+        data = {e: c[rows] for e, c in zip(ents, cols)}
+        data.update(zip(self.feature_columns, vals.T))
+        df = pd.DataFrame(data)
         df["event_timestamp"] = pd.to_datetime(last, unit="ms", utc=True)
         return df
 
@@ -450,6 +488,8 @@ class FeatureEngine:
             kind, s = key.split(":")
             if mark is None:
                 out[key] = None
+            elif kind == "wait":
+                out[key] = pickle.dumps(self.waiting[int(s)], protocol=5)
             elif kind == "dec":
                 out[key] = pickle.dumps(self._dec_chunks[int(s)], protocol=5)
             else:
@@ -463,7 +503,7 @@ class FeatureEngine:
             n = {kt: len(tab.keys) for kt, tab in self.tables.items()}
             core = {
                 "params": self._params(), "watermark": self.watermark, "max_t": self.max_t,
-                "landmark": self.landmark, "next_seq": self.next_seq, "waiting": self.waiting,
+                "landmark": self.landmark, "next_seq": self.next_seq,
                 "pending": self.pending, "online_touched": self.online_touched,
                 "sums": {kt: tab.sums[:n[kt]].copy() for kt, tab in self.tables.items()},
                 "last_t": {kt: tab.last_t[:n[kt]].copy() for kt, tab in self.tables.items()},
@@ -482,15 +522,15 @@ class FeatureEngine:
         """Rebuild an engine from the accumulated :meth:`state_delta` entries."""
         core = pickle.loads(entries["core"])
         eng = cls(**core["params"])
-        for k in ("watermark", "max_t", "landmark", "next_seq", "waiting", "pending", "online_touched"):
+        for k in ("watermark", "max_t", "landmark", "next_seq", "pending", "online_touched"):
             setattr(eng, k, core[k])
         for kt, tab in eng.tables.items():
             chunks = sorted((int(k.split(":")[2]), v) for k, v in entries.items()
                             if k.startswith(f"keys:{kt}:"))
             for _, blob in chunks:
                 for key in pickle.loads(blob):
-                    tab.index[key] = len(tab.keys)
-                    tab.keys.append(key)
+                    tab.add(key)
+            tab.new_keys = []
             tab.sums, tab.last_t = core["sums"][kt].copy(), core["last_t"][kt].copy()
             tab.grow()
         for k, v in entries.items():
@@ -499,6 +539,8 @@ class FeatureEngine:
                 chunk = pickle.loads(v)
                 eng._dec_chunks[int(k.split(":")[1])] = chunk
                 eng.decisions.update(chunk[1])
+            elif kind == "wait":
+                eng.waiting[int(k.split(":")[1])] = pickle.loads(v)
             elif kind == "seen":
                 chunk = pickle.loads(v)
                 eng._seen_chunks[int(k.split(":")[1])] = chunk
