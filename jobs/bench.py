@@ -69,13 +69,14 @@ def run_naive(cfg, sim: Path, max_lines: int, mode: str = "process") -> tuple[in
     from udfs.ingest import read_slice
     from udfs.features import parse_duration
 
-    manifests = sorted((sim / "manifest").glob("part-*.json"))
+    manifest = [line for m in sorted((sim / "manifest").glob("slices-*.jsonl"))
+                for line in m.read_text().splitlines() if line]
     lines, chosen = 0, []
-    for m in manifests:
+    for m in manifest:
         if lines >= max_lines:
             break
-        chosen.append(m.read_text())
-        lines += sum(json.loads(m.read_text())["lines"].values())
+        chosen.append(m)
+        lines += sum(json.loads(m)["lines"].values())
     rates = [math.log(2) / parse_duration(h) for h in cfg.features["half_lives"]]
 
     def explode(manifest_line):
@@ -152,6 +153,8 @@ def main(argv=None) -> None:
         from jobs.simulate import simulate
 
         simulate(sim, events=args.events, users=100_000, days=7.0, slice_lines=50_000, seed=7)
+    if not list((sim / "manifest").glob("slices-*.jsonl")):
+        raise SystemExit(f"{sim} was made by an older simulator; delete it and run again")
     cfg = load_config()
     os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(out / "startup")
 

@@ -67,7 +67,7 @@ def _engine_function(cfg_dict: dict):
         def _engine(self):
             if self.engine is None:
                 entries = dict(self.state.items())
-                self.engine = (FeatureEngine.restore(entries) if "core" in entries
+                self.engine = (FeatureEngine.restore(entries, **cfg_dict) if entries
                                else FeatureEngine(**cfg_dict))
             return self.engine
 
@@ -79,13 +79,22 @@ def _engine_function(cfg_dict: dict):
                     self.state.put(key, blob)
 
         def process_element(self, value, ctx):
+            t0 = time.perf_counter()
             s = pickle.loads(value)
             eng = self._engine()
+            t1 = time.perf_counter()
             outs = eng.offer(s.seq, s.batches, s.lines, s.quarantined)
+            t2 = time.perf_counter()
             self._persist()
+            t3 = time.perf_counter()
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
             for o in outs:
-                yield pickle.dumps(o, protocol=5)
+                o.counts["timing"] = {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3),
+                                      "state_s": round(t3 - t2, 3)}
+                t4 = time.perf_counter()
+                blob = pickle.dumps(o, protocol=5)
+                o.counts["timing"]["emit_pickle_s"] = round(time.perf_counter() - t4, 3)
+                yield blob
 
         def on_timer(self, timestamp, ctx):
             eng = self._engine()

@@ -3,14 +3,16 @@
 Writes, under ``--out``::
 
     decision/part-NNNNN.jsonl    click/part-NNNNN.jsonl    conversion/part-NNNNN.jsonl
-    manifest/part-NNNNN.json    one line per slice: {"seq", "files": {stream: path}, "lines": {stream: n}}
+    manifest/slices-NNNNN.jsonl one line per slice: {"seq", "files": {stream: path}, "lines": {stream: n}}
     truth/decisions.parquet      true click/conversion probabilities, true uplift, delay rate per decision
     truth/campaigns.parquet      true delay rate and base rates per campaign
     truth/summary.json           what was injected: duplicates, malformed records by kind, late events
 
 Events are written in *arrival* order (event time plus delivery jitter), cut
-into slices; each slice is announced by its manifest file only after its data
-files are complete, so a monitoring source never reads a half-written file.
+into slices; slices are announced in manifest files (``manifest_every`` slices
+per file, default all in one) only after their data files are complete, so a
+monitoring source never reads a half-written file. One file keeps the slices in
+order for Flink's FileSource (which hands files out in no particular order).
 
 Model: users with latent tastes and a Zipf-like activity; campaigns with
 creatives; a logging policy that scores K random candidates and picks the best
@@ -67,7 +69,7 @@ class SimConfig(dict):
         candidates=5, epsilon=0.2, holdout_pct=10,
         jitter_mean="20s", out_of_orderness="5m",
         late_rate=0.002, duplicate_rate=0.01, malformed_rate=0.005,
-        slice_lines=25_000, seed=7,
+        slice_lines=25_000, manifest_every=0, seed=7,
     )
 
     def __init__(self, **kw):
@@ -230,6 +232,14 @@ def simulate(out: str | os.PathLike, **kw) -> dict:
     per = cfg["slice_lines"]
     totals = {"decision": 0, "click": 0, "conversion": 0}
     n_slices = 0
+    group = []
+
+    def announce(entries):
+        first = orjson.loads(entries[0])["seq"]
+        tmp = out / "manifest" / f".slices-{first:05d}.jsonl.tmp"
+        tmp.write_bytes(b"".join(entries))
+        tmp.rename(out / "manifest" / f"slices-{first:05d}.jsonl")   # announce atomically
+
     for seq, s0 in enumerate(range(0, len(lines), per)):
         chunk = lines[s0:s0 + per]
         files, counts = {}, {}
@@ -240,11 +250,14 @@ def simulate(out: str | os.PathLike, **kw) -> dict:
             (out / rel).write_bytes(body + (b"\n" if body else b""))
             files[stream], counts[stream] = rel, cnt
             totals[stream] += cnt
-        tmp = out / "manifest" / f".part-{seq:05d}.json.tmp"
-        tmp.write_bytes(orjson.dumps({"seq": seq, "root": str(out.resolve()), "files": files,
-                                      "lines": counts}) + b"\n")
-        tmp.rename(out / "manifest" / f"part-{seq:05d}.json")   # announce atomically
+        group.append(orjson.dumps({"seq": seq, "root": str(out.resolve()), "files": files,
+                                   "lines": counts}) + b"\n")
         n_slices += 1
+        if cfg["manifest_every"] and len(group) == cfg["manifest_every"]:
+            announce(group)
+            group = []
+    if group:
+        announce(group)
 
     truth = pd.DataFrame({
         "decision_id": dec_ids, "event_time": t_dec, "user_id": user_col,

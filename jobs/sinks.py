@@ -8,6 +8,7 @@ are idempotent.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_slice_output(cfg: Config, store, o) -> dict:
+    t0 = time.perf_counter()
     data = cfg.data_dir
     name = f"slice-{o.seq:08d}"
     if o.enriched is not None and len(o.enriched):
@@ -49,7 +51,8 @@ def write_slice_output(cfg: Config, store, o) -> dict:
     stats = {"seq": o.seq, "in": o.counts.get("in", {}), "processed": o.counts.get("processed", {}),
              "quarantined": dict(q), "pending": o.counts.get("pending", 0),
              "enriched": 0 if o.enriched is None else len(o.enriched),
-             "offline_rows": offline, "online_rows": online}
+             "offline_rows": offline, "online_rows": online,
+             "timing": {**o.counts.get("timing", {}), "sink_s": round(time.perf_counter() - t0, 3)}}
     _atomic_write(data / "stats" / f"{name}.json", json.dumps(stats).encode())
     return stats
 

@@ -18,11 +18,12 @@ def small_sim(tmp_path_factory):
     return out
 
 
-def manifests(sim_dir):
-    return sorted((Path(sim_dir) / "manifest").glob("part-*.json"))
+def manifest_lines(sim_dir):
+    return [line for m in sorted((Path(sim_dir) / "manifest").glob("slices-*.jsonl"))
+            for line in m.read_text().splitlines() if line]
 
 
 def read_slices(sim_dir):
     from udfs.ingest import read_slice
 
-    return [read_slice(m.read_text()) for m in manifests(sim_dir)]
+    return [read_slice(line) for line in manifest_lines(sim_dir)]

@@ -139,9 +139,10 @@ def test_arrival_order_within_lateness_gives_identical_results(small_sim):
 
 def test_restore_from_state_midway_equals_uninterrupted(small_sim):
     slices = read_slices(small_sim)
-    full, full_outs = run_engine(slices)
+    full, full_outs = run_engine(slices, snapshot_every=3)
     half = len(slices) // 2
-    eng = FeatureEngine(**PARAMS)
+    half += half % 3 == 0                # not on a snapshot boundary
+    eng = FeatureEngine(**PARAMS, snapshot_every=3)
     state = {}
     first = []
     for s in slices[:half]:
@@ -152,7 +153,12 @@ def test_restore_from_state_midway_equals_uninterrupted(small_sim):
             else:
                 state[k] = v
     restored = FeatureEngine.restore(state)
+    assert "core" in state and any(k.startswith("wait:") for k in state)   # snapshot + logged slices
     _, rest = run_engine(slices[half:], engine=restored)
+    # the logged slices since the snapshot are processed again, with the same outputs
+    replayed = [o for o in rest if o.seq < half]
+    assert replayed and all(o.enriched.equals(full_outs[o.seq].enriched) for o in replayed)
+    rest = [o for o in rest if o.seq >= half]
     assert_features_equal(engine_features(restored),
                           {kt: {k: {**{c: v for c, v in vals.items() if c != "event_timestamp"},
                                     "as_of": vals["event_timestamp"].value // 1_000_000}
@@ -180,7 +186,7 @@ def test_slices_out_of_sequence_wait_and_survive_a_restore(small_sim):
     """Slices that arrive before their turn wait (in state) and give the same results."""
     slices = read_slices(small_sim)
     in_order, _ = run_engine(slices)
-    eng = FeatureEngine(**PARAMS)
+    eng = FeatureEngine(**PARAMS, snapshot_every=1)
     state = {}
 
     def offer(s):
@@ -194,7 +200,7 @@ def test_slices_out_of_sequence_wait_and_survive_a_restore(small_sim):
 
     assert offer(slices[1]) == [] and offer(slices[2]) == []      # slice 0 has not come yet
     assert sorted(k for k in state if k.startswith("wait:")) == ["wait:1", "wait:2"]
-    eng = FeatureEngine.restore(state)                             # crash while they wait
+    eng = FeatureEngine.restore(state, **PARAMS, snapshot_every=1)   # crash while they wait
     outs = offer(slices[0])
     assert [o.seq for o in outs] == [0, 1, 2] and not any(k.startswith("wait:") for k in state)
     _, _ = run_engine(slices[3:], engine=eng)

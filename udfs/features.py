@@ -161,13 +161,15 @@ class FeatureEngine:
     """
 
     def __init__(self, half_lives=("1h", "1d", "7d"), out_of_orderness="5m",
-                 click_window="1h", conversion_window="7d", dedupe_ttl="1d", online_every=1):
+                 click_window="1h", conversion_window="7d", dedupe_ttl="1d", online_every=1,
+                 snapshot_every=8):
         self.half_lives = tuple(half_lives)
         self.out_of_orderness = out_of_orderness
         self.click_window = click_window
         self.conversion_window = conversion_window
         self.dedupe_ttl = dedupe_ttl
         self.online_every = online_every
+        self.snapshot_every = snapshot_every
 
         self._hl_ms = np.array([parse_duration(h) for h in self.half_lives], dtype=float)
         self._rates = math.log(2.0) / self._hl_ms
@@ -195,6 +197,11 @@ class FeatureEngine:
         self._dec_chunks: dict[int, tuple[int, list]] = {}   # seq -> (max t, [(id, value)])
         self._seen_chunks: dict[int, tuple[int, list]] = {}  # seq -> (max t, [key])
         self._dirty: dict[str, object] = {}
+        # write-ahead log: inputs of the slices processed since the last snapshot of
+        # ``core``; a restore takes the snapshot and processes them again
+        self._log: dict[int, dict] = {}
+        self._deferred: set[str] = set()     # state entries to delete at the next snapshot
+        self._snapshot_due = True
         self.online_touched = {kt: set() for kt in KEY_TYPES}   # rows not yet sent online
 
     # ------------------------------------------------------------------ input
@@ -208,23 +215,35 @@ class FeatureEngine:
         self.waiting[seq] = {"batches": batches, "lines": lines, "quarantined": quarantined or []}
         self._dirty[f"wait:{seq}"] = True
         outs = []
+        return self._drain()
+
+    def _drain(self) -> list[SliceOutput]:
+        outs = []
         while self.next_seq in self.waiting:
             s = self.next_seq
-            item = self.waiting.pop(s)
-            self._dirty[f"wait:{s}"] = None
+            item = self._log[s] = self.waiting.pop(s)
             outs.append(self._process_slice(s, item["batches"], item["lines"], item["quarantined"]))
             self.next_seq += 1
+            if self.next_seq % int(self.snapshot_every) == 0:
+                self._snapshot()
         return outs
+
+    def _snapshot(self) -> None:
+        """Mark ``core`` for writing; the logged inputs and expired chunks can then go."""
+        self._deferred.update(f"wait:{s}" for s in self._log)
+        self._log = {}
+        self._snapshot_due = True
 
     def flush(self) -> list[SliceOutput]:
         """End of input: release everything still buffered."""
-        if not self.pending:
-            return []
-        out = SliceOutput(seq=self.next_seq)
-        self._dirty["core"] = True
-        self._release(out, final=True)
-        self._emit_online(out)
-        return [out]
+        outs = self._drain()            # slices logged before a restore, if any
+        if self.pending:
+            out = SliceOutput(seq=self.next_seq)
+            self._release(out, final=True)
+            self._emit_online(out)
+            outs.append(out)
+        self._snapshot()
+        return outs
 
     def _process_slice(self, seq, batches, lines, quarantined) -> SliceOutput:
         out = SliceOutput(seq=seq)
@@ -269,7 +288,6 @@ class FeatureEngine:
         if (seq + 1) % int(self.online_every) == 0:
             self._emit_online(out)
         self._expire(seq)
-        self._dirty["core"] = True
         return out
 
     # ---------------------------------------------------------------- release
@@ -466,40 +484,45 @@ class FeatureEngine:
                 for did, _ in items:
                     self.decisions.pop(did, None)
                 del self._dec_chunks[s]
-                self._dirty[f"dec:{s}"] = None
+                self._deferred.add(f"dec:{s}")
         for s, (max_t, keys) in list(self._seen_chunks.items()):
             if max_t + self._ttl < wm:
                 self.seen.difference_update(keys)
                 del self._seen_chunks[s]
-                self._dirty[f"seen:{s}"] = None
+                self._deferred.add(f"seen:{s}")
 
     # ------------------------------------------------------------------ state
     def state_delta(self) -> dict[str, bytes | None]:
         """Entries changed since the last call: ``{state key: bytes, or None to delete}``.
 
-        Decision and dedupe chunks are written once (and deleted when they
-        expire); new keys are appended as chunks; only ``core`` (the sums,
-        watermark, landmark and buffered events) is rewritten every slice.
+        Every slice writes only what it added: its input (``wait:<seq>``, the
+        write-ahead log), its decision and dedupe chunks, and new keys. ``core``
+        (sums, watermark, landmark, buffered events) is written every
+        ``snapshot_every`` slices; then the logged inputs and expired chunks are
+        deleted. :meth:`restore` takes ``core`` and processes the logged slices again.
         """
         out: dict[str, bytes | None] = {}
-        for key, mark in self._dirty.items():
-            if key == "core":
-                continue
+        for key in self._dirty:
             kind, s = key.split(":")
-            if mark is None:
-                out[key] = None
-            elif kind == "wait":
-                out[key] = pickle.dumps(self.waiting[int(s)], protocol=5)
-            elif kind == "dec":
-                out[key] = pickle.dumps(self._dec_chunks[int(s)], protocol=5)
-            else:
-                out[key] = pickle.dumps(self._seen_chunks[int(s)], protocol=5)
+            s = int(s)
+            if kind == "wait":
+                item = self.waiting.get(s) or self._log.get(s)
+                if item is not None:
+                    out[key] = pickle.dumps(item, protocol=5)
+            elif kind == "dec" and s in self._dec_chunks:
+                out[key] = pickle.dumps(self._dec_chunks[s], protocol=5)
+            elif kind == "seen" and s in self._seen_chunks:
+                out[key] = pickle.dumps(self._seen_chunks[s], protocol=5)
+        self._dirty = {}
         for kt, tab in self.tables.items():
             if tab.new_keys:
                 out[f"keys:{kt}:{len(tab.keys) - len(tab.new_keys)}"] = pickle.dumps(
                     tab.new_keys, protocol=5)
                 tab.new_keys = []
-        if self._dirty.get("core", False) or out:
+        if self._snapshot_due:
+            for key in self._deferred:
+                out[key] = None
+            self._deferred = set()
             n = {kt: len(tab.keys) for kt, tab in self.tables.items()}
             core = {
                 "params": self._params(), "watermark": self.watermark, "max_t": self.max_t,
@@ -509,42 +532,60 @@ class FeatureEngine:
                 "last_t": {kt: tab.last_t[:n[kt]].copy() for kt, tab in self.tables.items()},
             }
             out["core"] = pickle.dumps(core, protocol=5)
-        self._dirty = {}
+            self._snapshot_due = False
         return out
 
     def _params(self) -> dict:
         return {"half_lives": self.half_lives, "out_of_orderness": self.out_of_orderness,
                 "click_window": self.click_window, "conversion_window": self.conversion_window,
-                "dedupe_ttl": self.dedupe_ttl, "online_every": self.online_every}
+                "dedupe_ttl": self.dedupe_ttl, "online_every": self.online_every,
+                "snapshot_every": self.snapshot_every}
 
     @classmethod
-    def restore(cls, entries: dict[str, bytes]) -> "FeatureEngine":
-        """Rebuild an engine from the accumulated :meth:`state_delta` entries."""
+    def restore(cls, entries: dict[str, bytes], **params) -> "FeatureEngine":
+        """Rebuild an engine from the accumulated :meth:`state_delta` entries.
+
+        Entries written after the last ``core`` snapshot (keys, decision and dedupe
+        chunks of later slices) are skipped: those slices are in the log and are
+        processed again, in order, by the next :meth:`offer` or :meth:`flush`.
+        ``params`` are used only when no snapshot exists yet.
+        """
+        if "core" not in entries:
+            eng = cls(**params)
+            for k, v in entries.items():
+                if k.startswith("wait:"):
+                    eng.waiting[int(k.split(":")[1])] = pickle.loads(v)
+            return eng
         core = pickle.loads(entries["core"])
         eng = cls(**core["params"])
         for k in ("watermark", "max_t", "landmark", "next_seq", "pending", "online_touched"):
             setattr(eng, k, core[k])
+        eng._snapshot_due = False
         for kt, tab in eng.tables.items():
+            n = len(core["sums"][kt])
             chunks = sorted((int(k.split(":")[2]), v) for k, v in entries.items()
-                            if k.startswith(f"keys:{kt}:"))
+                            if k.startswith(f"keys:{kt}:") and int(k.split(":")[2]) < n)
             for _, blob in chunks:
                 for key in pickle.loads(blob):
                     tab.add(key)
+            assert len(tab.keys) == n, f"state of {kt}: {len(tab.keys)} keys for {n} rows"
             tab.new_keys = []
             tab.sums, tab.last_t = core["sums"][kt].copy(), core["last_t"][kt].copy()
             tab.grow()
         for k, v in entries.items():
-            kind = k.split(":")[0]
-            if kind == "dec":
+            kind, _, rest = k.partition(":")
+            if kind == "wait":
+                eng.waiting[int(rest)] = pickle.loads(v)
+            elif kind in ("dec", "seen") and int(rest) < eng.next_seq:
                 chunk = pickle.loads(v)
-                eng._dec_chunks[int(k.split(":")[1])] = chunk
-                eng.decisions.update(chunk[1])
-            elif kind == "wait":
-                eng.waiting[int(k.split(":")[1])] = pickle.loads(v)
-            elif kind == "seen":
-                chunk = pickle.loads(v)
-                eng._seen_chunks[int(k.split(":")[1])] = chunk
-                eng.seen.update(chunk[1])
+                if kind == "dec":
+                    eng._dec_chunks[int(rest)] = chunk
+                    eng.decisions.update(chunk[1])
+                else:
+                    eng._seen_chunks[int(rest)] = chunk
+                    eng.seen.update(chunk[1])
+        # slices processed after the snapshot will be processed again: their inputs
+        # stay logged, not "waiting for their turn"
         return eng
 
     def feature_values(self, kt: str) -> pd.DataFrame:
