@@ -225,33 +225,7 @@ def main(argv=None) -> None:
     results["flink_sql"] = entry(n, wall)
     save()
     results["ratios"] = ratios(results)
-    (out / "features.json").write_text(json.dumps(results, indent=2))
-
-    s = run_features(sim, out / "run-features", write_online=True)
-    results["input_lines"] = s["events_in"]
-    results["features"] = {**entry(s["events_in"], s["wall_seconds"]),
-                           "online_rows": sum(s["feature_rows_online"].values()), "reconciles": s["reconciles"]}
     save()
-    s2 = run_features(sim, out / "run-features-no-online", write_online=False)
-    results["features_no_online"] = {**entry(s2["events_in"], s2["wall_seconds"]),
-                                     "reconciles": s2["reconciles"]}
-    save()
-    n, wall = run_naive(cfg, sim, args.naive_events)
-    results["naive"] = entry(n, wall)
-    save()
-    results["engine_only_python"] = run_engine_only(cfg, sim)
-    save()
-    n, wall = run_flink_sql(sim)
-    results["flink_sql"] = entry(n, wall)
-    save()
-    net = {k: results[k]["net_events_per_second"] for k in ("features", "features_no_online", "naive", "flink_sql")}
-    results["ratios"] = {
-        "features_vs_naive": round(net["features"] / net["naive"], 2),
-        "features_no_online_vs_naive": round(net["features_no_online"] / net["naive"], 2),
-        "features_vs_flink_sql": round(net["features"] / net["flink_sql"], 3),
-        "features_no_online_vs_flink_sql": round(net["features_no_online"] / net["flink_sql"], 3),
-    }
-    (out / "features.json").write_text(json.dumps(results, indent=2))
     print("\n== make bench: features job (events/s, net of start-up %.1f s) ==" % startup)
     for k in ("features", "features_no_online", "naive", "flink_sql"):
         r = results[k]

@@ -5,7 +5,7 @@ import urllib.request
 
 import pytest
 
-from test_job import cfg_for, entity_rows, online_snapshot, reference_of
+from test_job import assert_online_equals_reference, cfg_for, reference_of
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,6 @@ def cluster():
 
 def test_submitted_job_writes_the_same_features(cluster, small_sim, tmp_path):
     from jobs.sinks import summarize
-    from udfs.features import ENTITY_COLUMNS, KEY_SEP
 
     result = cluster.submit("features", str(small_sim), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,11 +36,4 @@ def test_submitted_job_writes_the_same_features(cluster, small_sim, tmp_path):
     truth = json.loads((small_sim / "truth" / "summary.json").read_text())
     assert s["events_in"] == truth["lines_total"] and s["reconciles"] and s["pending"] == 0
     ref, _, _ = reference_of(small_sim)
-    snap = online_snapshot(cfg, entity_rows(ref))
-    for kt, df in snap.items():
-        ents = list(ENTITY_COLUMNS[kt])
-        for rec in df.to_dict("records"):
-            key = KEY_SEP.join(rec[e] for e in ents)
-            for name, v in ref[kt][key].items():
-                if name != "as_of":
-                    assert rec[name] == pytest.approx(v, rel=1e-9, abs=1e-12)
+    assert_online_equals_reference(cfg, ref)

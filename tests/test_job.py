@@ -54,6 +54,19 @@ def entity_rows(ref_features):
             for kt, keys in ref_features.items()}
 
 
+def assert_online_equals_reference(cfg, ref):
+    """Every key's online values, read back through Feast, equal the batch reference."""
+    from udfs.features import ENTITY_COLUMNS, KEY_SEP
+
+    for kt, df in online_snapshot(cfg, entity_rows(ref)).items():
+        ents = list(ENTITY_COLUMNS[kt])
+        for rec in df.to_dict("records"):
+            key = KEY_SEP.join(rec[e] for e in ents)
+            for name, v in ref[kt][key].items():
+                if name != "as_of":
+                    assert rec[name] == pytest.approx(v, rel=1e-9, abs=1e-12), (kt, key, name)
+
+
 def test_counts_reconcile_with_the_simulator(job_run, small_sim):
     cfg, s = job_run
     truth = json.loads((small_sim / "truth" / "summary.json").read_text())
@@ -74,16 +87,7 @@ def test_counts_reconcile_with_the_simulator(job_run, small_sim):
 def test_feast_read_back_equals_batch_reference(job_run, small_sim):
     cfg, _ = job_run
     ref, ref_enriched, _ = reference_of(small_sim)
-    snap = online_snapshot(cfg, entity_rows(ref))
-    from udfs.features import ENTITY_COLUMNS, KEY_SEP
-
-    for kt, df in snap.items():
-        ents = list(ENTITY_COLUMNS[kt])
-        for rec in df.to_dict("records"):
-            key = KEY_SEP.join(rec[e] for e in ents)
-            for name, v in ref[kt][key].items():
-                if name != "as_of":
-                    assert rec[name] == pytest.approx(v, rel=1e-9, abs=1e-12), (kt, key, name)
+    assert_online_equals_reference(cfg, ref)
     # the enriched decisions hold the values just before each decision
     from jobs.sinks import read_enriched
 
