@@ -32,9 +32,9 @@ _DOC = {"impressions": "treatment-arm decisions", "clicks": "attributed clicks",
         "conversions": "attributed conversions"}
 
 
-def _view(key_type: str):
+def _view(key_type: str, offline_dir=OFFLINE_DIR):
     name = f"{key_type}_features_{VERSION}"
-    batch = FileSource(name=f"{name}_offline", path=str(OFFLINE_DIR / name),
+    batch = FileSource(name=f"{name}_offline", path=str(Path(offline_dir) / name),
                        timestamp_field="event_timestamp")
     push = PushSource(name=f"{name}_push", batch_source=batch)
     fields = [Field(name=f, dtype=Float64,
@@ -45,6 +45,15 @@ def _view(key_type: str):
                        ttl=timedelta(days=30), schema=fields, source=push, online=True,
                        description=f"Exponentially decayed accumulators per {key_type.replace('_', ' x ')}.")
     return push, view
+
+
+def build(offline_dir) -> list:
+    """All objects, with the offline store under ``offline_dir`` (a run's data dir)."""
+    objs = [user, campaign, creative]
+    for kt in KEY_TYPES:
+        push, view = _view(kt, offline_dir)
+        objs += [push, view]
+    return objs
 
 
 user_features_push, user_features_v1 = _view("user")

@@ -58,7 +58,7 @@ def open_store(cfg: Config, apply: bool = True):
         warnings.simplefilter("ignore", DeprecationWarning)
         store = FeatureStore(config=repo_config(cfg))
         if apply:
-            store.apply(definitions(cfg).OBJECTS)
+            store.apply(definitions(cfg).build(cfg.data_dir / "offline"))
     return store
 
 

@@ -131,3 +131,23 @@ def test_online_writes_never_go_back_in_time(tmp_path):
     got = store.get_online_features(features=[f"user_features_v1:{cols[0]}"],
                                     entity_rows=[{"user_id": "u_0000000000000001"}]).to_dict()
     assert got[cols[0]] == [2.0]
+
+
+def test_offline_store_point_in_time_join(job_run, small_sim):
+    """Feast's get_historical_features over the offline Parquet the job wrote: as of
+    each key's last event, the values equal the reference."""
+    from jobs.feast_store import open_store
+
+    cfg, _ = job_run
+    ref, _, _ = reference_of(small_sim)
+    users = sorted(ref["user"])[:25]
+    entity_df = pd.DataFrame({
+        "user_id": users,
+        "event_timestamp": [pd.Timestamp(ref["user"][u]["as_of"] + 1, unit="ms", tz="UTC") for u in users]})
+    store = open_store(cfg, apply=False)
+    got = store.get_historical_features(
+        entity_df=entity_df, features=["user_features_v1:clicks_1d", "user_features_v1:impressions_7d"]).to_df()
+    got = got.set_index("user_id")
+    for u in users:
+        assert got.at[u, "clicks_1d"] == pytest.approx(ref["user"][u]["clicks_1d"], rel=1e-9, abs=1e-12)
+        assert got.at[u, "impressions_7d"] == pytest.approx(ref["user"][u]["impressions_7d"], rel=1e-9)
