@@ -8,10 +8,11 @@
       │ pickled Slice                            (bad records -> quarantine with a reason)
       ▼ key_by(shard)
       ▼ features-engine      [Python, keyed]     udfs.features.FeatureEngine: dedupe, watermark,
-      │ pickled SliceOutput                      join, decayed accumulators, enrichment;
-      │                                          MapState holds the engine (written incrementally)
-      ▼ sinks                [Python]            enriched decisions + offline features (Parquet),
-                                                 quarantine (JSONL), run stats, Feast online store
+      │                                          join, decayed accumulators, enrichment;
+      │                                          MapState holds the engine (snapshot + input log);
+      │                                          writes enriched decisions + offline features
+      │ pickled online rows                      (Parquet), quarantine (JSONL), stats
+      ▼ feast-online         [Python]            Feast online store, every online_every slices
 
 Python is entered once per slice (tens of thousands of events), never once per
 event. All sink files are named by slice sequence number, and Feast writes never
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # run as a file by `flink run -py jobs/features.p
 
 from jobs.config import Config, load as load_config  # noqa: E402
 
-__all__ = ["build", "run", "EngineFunction", "SinkFunction", "read_validate"]
+__all__ = ["build", "run", "read_validate"]
 
 END_OF_INPUT_TIMER = 2 ** 62   # fires only when the final watermark passes: bounded input ended
 
@@ -49,15 +50,22 @@ def read_validate(manifest_line: str) -> bytes:
     return pickle.dumps(read_slice(manifest_line), protocol=5)
 
 
-def _engine_function(cfg_dict: dict):
+def _engine_function(cfg: Config):
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
     from pyflink.datastream.state import MapStateDescriptor
 
     from udfs.features import FeatureEngine
 
+    params = cfg.engine_params()
+
     class EngineFunction(KeyedProcessFunction):
-        """Runs one FeatureEngine per key (shard); its state lives in a MapState."""
+        """Runs one FeatureEngine per key (shard); its state lives in a MapState.
+
+        The slice's files (enriched decisions, offline features, quarantine, stats)
+        are written here, where the output is, rather than shipped to another
+        operator; only the conflated online rows go on to the Feast writer.
+        """
 
         def open(self, ctx):
             self.state = ctx.get_map_state(MapStateDescriptor(
@@ -67,8 +75,8 @@ def _engine_function(cfg_dict: dict):
         def _engine(self):
             if self.engine is None:
                 entries = dict(self.state.items())
-                self.engine = (FeatureEngine.restore(entries, **cfg_dict) if entries
-                               else FeatureEngine(**cfg_dict))
+                self.engine = (FeatureEngine.restore(entries, **params) if entries
+                               else FeatureEngine(**params))
             return self.engine
 
         def _persist(self):
@@ -78,6 +86,15 @@ def _engine_function(cfg_dict: dict):
                 else:
                     self.state.put(key, blob)
 
+        def _emit(self, outs, timing):
+            from jobs.sinks import write_slice_files
+
+            for o in outs:
+                o.counts["timing"] = timing
+                write_slice_files(cfg, o)
+                if o.online and cfg.feast["write_online"]:
+                    yield pickle.dumps((o.seq, o.online), protocol=5)
+
         def process_element(self, value, ctx):
             t0 = time.perf_counter()
             s = pickle.loads(value)
@@ -85,47 +102,36 @@ def _engine_function(cfg_dict: dict):
             t1 = time.perf_counter()
             outs = eng.offer(s.seq, s.batches, s.lines, s.quarantined)
             t2 = time.perf_counter()
-            self._persist()
-            t3 = time.perf_counter()
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            for o in outs:
-                o.counts["timing"] = {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3),
-                                      "state_s": round(t3 - t2, 3)}
-                t4 = time.perf_counter()
-                blob = pickle.dumps(o, protocol=5)
-                o.counts["timing"]["emit_pickle_s"] = round(time.perf_counter() - t4, 3)
-                yield blob
+            yield from self._emit(outs, {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3)})
+            self._persist()     # after the outputs: a crash in between replays them, idempotently
 
         def on_timer(self, timestamp, ctx):
-            eng = self._engine()
-            outs = eng.flush()
+            outs = self._engine().flush()
+            yield from self._emit(outs, {})
             self._persist()
-            for o in outs:
-                yield pickle.dumps(o, protocol=5)
 
     return EngineFunction()
 
 
-def _sink_function(cfg: Config):
+def _online_function(cfg: Config):
     from pyflink.datastream import MapFunction
 
-    class SinkFunction(MapFunction):
-        """Writes one SliceOutput: Parquet, JSONL, stats, Feast online. Idempotent per slice."""
+    class OnlineWriter(MapFunction):
+        """Feast online writes (the store keeps the newest row per key)."""
 
         def open(self, ctx):
             from jobs.feast_store import open_store
 
             self.store = open_store(cfg, apply=False)
-            self.out = cfg.data_dir
 
         def map(self, value):
-            from jobs.sinks import write_slice_output
+            from jobs.sinks import write_online_frames
 
-            o = pickle.loads(value)
-            stats = write_slice_output(cfg, self.store, o)
-            return json.dumps(stats)
+            seq, online = pickle.loads(value)
+            return json.dumps(write_online_frames(cfg, self.store, seq, online))
 
-    return SinkFunction()
+    return OnlineWriter()
 
 
 def build(env, cfg: Config, input_dir: Path, follow: bool = False):
@@ -148,12 +154,12 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
               .name("read-validate").uid("read-validate").slot_sharing_group("read"))
     outputs = (slices
                .key_by(lambda b: 0 if shards == 1 else pickle.loads(b).seq % shards, key_type=Types.INT())
-               .process(_engine_function(cfg.engine_params()), output_type=Types.PICKLED_BYTE_ARRAY())
+               .process(_engine_function(cfg), output_type=Types.PICKLED_BYTE_ARRAY())
                .name("features-engine").uid("features-engine").set_parallelism(shards)
                .slot_sharing_group("engine"))
     stats = (outputs
-             .map(_sink_function(cfg), output_type=Types.STRING())
-             .name("sinks").uid("sinks").set_parallelism(1).slot_sharing_group("sinks"))
+             .map(_online_function(cfg), output_type=Types.STRING())
+             .name("feast-online").uid("feast-online").set_parallelism(1).slot_sharing_group("sinks"))
     return stats
 
 

@@ -18,7 +18,7 @@ from jobs.config import Config
 from jobs.feast_store import write_offline, write_online
 from udfs.validation import reason_kind
 
-__all__ = ["write_slice_output", "summarize", "read_enriched", "read_quarantine"]
+__all__ = ["write_slice_files", "write_online_frames", "summarize", "read_enriched", "read_quarantine"]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -28,7 +28,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.rename(path)
 
 
-def write_slice_output(cfg: Config, store, o) -> dict:
+def write_online_frames(cfg: Config, store, seq: int, online: dict) -> dict:
+    """Feast online writes of one emission; their counts go to stats/online-<seq>.json."""
+    t0 = time.perf_counter()
+    rows = {kt: write_online(store, kt, df) for kt, df in online.items()}
+    stats = {"seq": seq, "online_rows": rows, "online_s": round(time.perf_counter() - t0, 3)}
+    _atomic_write(cfg.data_dir / "stats" / f"online-{seq:08d}.json", json.dumps(stats).encode())
+    return stats
+
+
+def write_slice_files(cfg: Config, o) -> dict:
+    """Enriched decisions, offline features, quarantine and stats of one slice."""
     t0 = time.perf_counter()
     data = cfg.data_dir
     name = f"slice-{o.seq:08d}"
@@ -41,8 +51,6 @@ def write_slice_output(cfg: Config, store, o) -> dict:
     offline = {kt: len(df) for kt, df in o.features.items()}
     for kt, df in o.features.items():
         write_offline(cfg, kt, o.seq, df)
-    online = {kt: write_online(store, kt, df) for kt, df in o.online.items()} \
-        if cfg.feast["write_online"] else {}
     if o.quarantine:
         body = b"".join(orjson.dumps({"stream": st, "reason": r, "reason_kind": reason_kind(r),
                                       "record": rec}) + b"\n" for st, rec, r in o.quarantine)
@@ -51,7 +59,7 @@ def write_slice_output(cfg: Config, store, o) -> dict:
     stats = {"seq": o.seq, "in": o.counts.get("in", {}), "processed": o.counts.get("processed", {}),
              "quarantined": dict(q), "pending": o.counts.get("pending", 0),
              "enriched": 0 if o.enriched is None else len(o.enriched),
-             "offline_rows": offline, "online_rows": online,
+             "offline_rows": offline,
              "timing": {**o.counts.get("timing", {}), "sink_s": round(time.perf_counter() - t0, 3)}}
     _atomic_write(data / "stats" / f"{name}.json", json.dumps(stats).encode())
     return stats
@@ -64,10 +72,12 @@ def summarize(cfg: Config) -> dict:
     online, offline = Counter(), Counter()
     pending = 0
     last_seq = -1
+    for f in (cfg.data_dir / "stats").glob("online-*.json"):
+        online.update(json.loads(f.read_text())["online_rows"])
     for f in files:
         s = json.loads(f.read_text())
         events_in.update(s["in"]); processed.update(s["processed"]); quarantined.update(s["quarantined"])
-        online.update(s["online_rows"]); offline.update(s["offline_rows"])
+        offline.update(s["offline_rows"])
         if s["seq"] > last_seq:
             last_seq, pending = s["seq"], s["pending"]
     n_in = sum(events_in.values())
