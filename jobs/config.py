@@ -39,6 +39,7 @@ class Config:
     features: MappingProxyType
     flink: MappingProxyType
     feast: MappingProxyType
+    iceberg: MappingProxyType
 
     @property
     def data_dir(self) -> Path:
