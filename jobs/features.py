@@ -21,6 +21,7 @@ outputs as a clean run would.
 
     python -m jobs.features --input data/sim            # bounded backfill, then exit
     python -m jobs.features --input data/sim --follow   # keep watching for new slices
+    python -m jobs.features --input data/sim --follow --from-checkpoint data/checkpoints/<job>/chk-N
     flink run -py jobs/features.py --pyFiles schemas,udfs,jobs -- --input ...   (see Makefile)
 """
 
@@ -71,12 +72,14 @@ def _engine_function(cfg: Config):
             self.state = ctx.get_map_state(MapStateDescriptor(
                 "engine", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.engine = None
+            self.restored_from = None
 
         def _engine(self):
             if self.engine is None:
                 entries = dict(self.state.items())
                 self.engine = (FeatureEngine.restore(entries, **params) if entries
                                else FeatureEngine(**params))
+                self.restored_from = self.engine.next_seq if entries else None
             return self.engine
 
         def _persist(self):
@@ -103,7 +106,10 @@ def _engine_function(cfg: Config):
             outs = eng.offer(s.seq, s.batches, s.lines, s.quarantined)
             t2 = time.perf_counter()
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            yield from self._emit(outs, {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3)})
+            timing = {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3)}
+            if self.restored_from is not None:     # first slice after a restore from state
+                timing["restored_from_seq"], self.restored_from = self.restored_from, None
+            yield from self._emit(outs, timing)
             self._persist()     # after the outputs: a crash in between replays them, idempotently
 
         def on_timer(self, timestamp, ctx):
@@ -201,6 +207,7 @@ def main(argv=None) -> None:
     p.add_argument("--input", required=True, help="simulator/producer output folder (with manifest/)")
     p.add_argument("--data-dir", help="override paths.data_dir")
     p.add_argument("--follow", action="store_true", help="keep monitoring for new slices")
+    p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
     args = p.parse_args(argv)
     if args.data_dir:
         os.environ["STREAMLIFT_PATHS__DATA_DIR"] = args.data_dir
@@ -214,7 +221,8 @@ def main(argv=None) -> None:
         terminate(build(env, cfg, Path(args.input), args.follow))
         env.execute("streamlift-features")
         return
-    summary = run(cfg, Path(args.input), args.follow)
+    overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
+    summary = run(cfg, Path(args.input), args.follow, overrides=overrides)
     print(json.dumps(summary, indent=2))
 
 
