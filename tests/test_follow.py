@@ -1,6 +1,5 @@
 """--follow: the job keeps monitoring manifest/ and takes slices as they are announced."""
 
-import json
 import os
 import shutil
 import signal

@@ -214,7 +214,6 @@ class FeatureEngine:
             return []   # a replayed slice this engine has already taken
         self.waiting[seq] = {"batches": batches, "lines": lines, "quarantined": quarantined or []}
         self._dirty[f"wait:{seq}"] = True
-        outs = []
         return self._drain()
 
     def _drain(self) -> list[SliceOutput]:
