@@ -28,9 +28,6 @@ from pathlib import Path
 
 from jobs.config import load as load_config
 
-DECISION_KEY = "user_id"
-
-
 def _timed(fn):
     t0 = time.time()
     fn()
@@ -67,13 +64,11 @@ def run_naive(cfg, sim: Path, max_lines: int, mode: str = "process") -> tuple[in
     from pyflink.datastream.state import ValueStateDescriptor
 
     from jobs.flink_env import stream_env
-    from udfs.ingest import read_slice
     from udfs.features import parse_duration
+    from udfs.ingest import manifest_lines, read_slice
 
-    manifest = [line for m in sorted((sim / "manifest").glob("slices-*.jsonl"))
-                for line in m.read_text().splitlines() if line]
     lines, chosen = 0, []
-    for m in manifest:
+    for m in manifest_lines(sim):
         if lines >= max_lines:
             break
         chosen.append(m)
@@ -124,12 +119,10 @@ def run_engine_only(cfg, sim: Path) -> dict:
     """The read/validate and engine steps as plain Python in this process, no Flink:
     the ceiling of the Python part of the job."""
     from udfs.features import FeatureEngine
-    from udfs.ingest import read_slice
+    from udfs.ingest import manifest_lines, read_slice
 
-    manifest = [line for m in sorted((sim / "manifest").glob("slices-*.jsonl"))
-                for line in m.read_text().splitlines() if line]
     t0 = time.time()
-    slices = [read_slice(line) for line in manifest]
+    slices = [read_slice(line) for line in manifest_lines(sim)]
     t1 = time.time()
     eng = FeatureEngine(**cfg.engine_params())
     for s in slices:
@@ -189,7 +182,9 @@ def main(argv=None) -> None:
         from jobs.simulate import simulate
 
         simulate(sim, events=args.events, users=100_000, days=7.0, slice_lines=50_000, seed=7)
-    if not list((sim / "manifest").glob("slices-*.jsonl")):
+    from udfs.ingest import manifest_lines
+
+    if not manifest_lines(sim):
         raise SystemExit(f"{sim} was made by an older simulator; delete it and run again")
     cfg = load_config()
     os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(out / "startup")

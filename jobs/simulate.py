@@ -193,11 +193,8 @@ def simulate(out: str | os.PathLike, **kw) -> dict:
     malformed_kinds = ["bad_json", "missing", "type", "range", "timestamp"]
     bad_idx = np.flatnonzero(rng.random(n) < cfg["malformed_rate"])
     bad_kind_counts = dict.fromkeys(malformed_kinds, 0)
-    lines = [None] * n
     bad_kinds = rng.integers(0, len(malformed_kinds), len(bad_idx))
-    bad_set = {}
-    for i, k in zip(bad_idx, bad_kinds):
-        bad_set[int(i)] = malformed_kinds[k]
+    bad_set = {int(i): malformed_kinds[k] for i, k in zip(bad_idx, bad_kinds)}
     all_records = records + dups
     lines = []
     for idx, (arr, stream, rec) in enumerate(all_records):

@@ -18,12 +18,26 @@ def small_sim(tmp_path_factory):
     return out
 
 
-def manifest_lines(sim_dir):
-    return [line for m in sorted((Path(sim_dir) / "manifest").glob("slices-*.jsonl"))
-            for line in m.read_text().splitlines() if line]
-
-
 def read_slices(sim_dir):
-    from udfs.ingest import read_slice
+    from udfs.ingest import manifest_lines, read_slice
 
     return [read_slice(line) for line in manifest_lines(sim_dir)]
+
+
+def hold_manifests(sim_dir, held):
+    """Move the simulator's manifest files aside: the stream starts with nothing announced."""
+    import shutil
+
+    shutil.move(str(Path(sim_dir) / "manifest"), held)
+    (Path(sim_dir) / "manifest").mkdir()
+    return sorted(Path(held).glob("slices-*.jsonl"))
+
+
+def announce(sim_dir, manifest_file):
+    """Announce one manifest file atomically, as a producer does."""
+    import os
+    import shutil
+
+    tmp = Path(sim_dir) / "manifest" / ("." + manifest_file.name)
+    shutil.copy(manifest_file, tmp)
+    os.rename(tmp, tmp.with_name(manifest_file.name))

@@ -1,7 +1,6 @@
 """--follow: the job keeps monitoring manifest/ and takes slices as they are announced."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import announce, hold_manifests
 from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
@@ -22,9 +22,7 @@ def test_follow_takes_slices_as_they_arrive(tmp_path):
     sim = tmp_path / "sim"
     truth = simulate(sim, events=12_000, users=1_000, campaigns=4, days=1.0, slice_lines=2_000,
                      manifest_every=2, seed=5)
-    held = tmp_path / "held"
-    shutil.move(str(sim / "manifest"), held)
-    (sim / "manifest").mkdir()
+    files = hold_manifests(sim, tmp_path / "held")
     data = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.features", "--input", str(sim),
@@ -32,10 +30,8 @@ def test_follow_takes_slices_as_they_arrive(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         cfg = cfg_for(data)
-        files = sorted(held.glob("slices-*.jsonl"))
         for f in files:                      # announce a manifest file every 2 s
-            shutil.copy(f, sim / "manifest" / ("." + f.name))
-            os.rename(sim / "manifest" / ("." + f.name), sim / "manifest" / f.name)
+            announce(sim, f)
             time.sleep(2)
         deadline = time.time() + 120
         s = None

@@ -2,7 +2,6 @@
 uninterrupted run: every slice exactly once, the same enriched decisions."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import read_slices
+from conftest import announce, hold_manifests, read_slices
 from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
@@ -36,12 +35,6 @@ def wait_for(cond, timeout=120):
     raise AssertionError("timed out")
 
 
-def announce(held, sim, files):
-    for f in files:
-        shutil.copy(f, sim / "manifest" / ("." + f.name))
-        os.rename(sim / "manifest" / ("." + f.name), sim / "manifest" / f.name)
-
-
 def slice_stats(data):
     return sorted((data / "stats").glob("slice-*.json")) if (data / "stats").exists() else []
 
@@ -57,14 +50,12 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
     sim = tmp_path / "sim"
     simulate(sim, events=16_000, users=1_000, campaigns=4, days=1.0, slice_lines=2_000,
              manifest_every=1, seed=8)
-    held = tmp_path / "held"
-    shutil.move(str(sim / "manifest"), held)
-    (sim / "manifest").mkdir()
-    files = sorted(held.glob("slices-*.jsonl"))
+    files = hold_manifests(sim, tmp_path / "held")
     half = len(files) // 2
     data = tmp_path / "run"
 
-    announce(held, sim, files[:half])
+    for f in files[:half]:
+        announce(sim, f)
     proc = start(sim, data)
     try:
         wait_for(lambda: len(slice_stats(data)) >= half)
@@ -75,7 +66,8 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
         proc.wait(timeout=30)
     checkpoint = completed_checkpoints(data)[-1].parent
 
-    announce(held, sim, files[half:])
+    for f in files[half:]:
+        announce(sim, f)
     proc = start(sim, data, "--from-checkpoint", str(checkpoint))
     try:
         wait_for(lambda: len(slice_stats(data)) >= len(files))

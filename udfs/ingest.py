@@ -21,7 +21,7 @@ import orjson
 from schemas import CONTRACTS
 from udfs.validation import Validator
 
-__all__ = ["Slice", "read_slice", "VALIDATORS"]
+__all__ = ["Slice", "read_slice", "manifest_lines", "VALIDATORS"]
 
 VALIDATORS = {name: Validator(c) for name, c in CONTRACTS.items()}
 
@@ -32,6 +32,12 @@ class Slice:
     batches: dict       # stream -> list of record tuples in contract field order
     lines: dict         # stream -> non-empty input lines
     quarantined: list   # (stream, raw line as str, reason)
+
+
+def manifest_lines(input_dir) -> list[str]:
+    """Every slice's manifest line under ``<input_dir>/manifest/``, in file order."""
+    files = sorted((Path(input_dir) / "manifest").glob("slices-*.jsonl"))
+    return [line for f in files for line in f.read_text().splitlines() if line]
 
 
 def read_slice(manifest_line: str | bytes) -> Slice:
