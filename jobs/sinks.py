@@ -1,5 +1,10 @@
 """Sinks of the features job: every output file is named by slice sequence number.
 
+Per slice: ``enriched/`` (decisions with their features), ``attributed/`` (clicks
+and conversions joined to a decision), ``offline/`` (Feast offline store),
+``quarantine/``, ``stats/``, and last ``handoff/slice-N.json``, one JSON line
+naming the slice's files and its event-time clock: the outcomes job's input.
+
 A replayed slice rewrites the same files with the same contents, and Feast
 online writes skip rows older than the stored ones, so replays and restarts
 are idempotent.
@@ -48,6 +53,16 @@ def write_slice_files(cfg: Config, o) -> dict:
         tmp = path.with_name("." + path.name + ".tmp")
         o.enriched.to_parquet(tmp, index=False)
         tmp.rename(path)
+    files = {}
+    if o.enriched is not None and len(o.enriched):
+        files["enriched"] = f"enriched/{name}.parquet"
+    if o.attributed is not None and len(o.attributed):
+        files["attributed"] = f"attributed/{name}.parquet"
+        path = data / files["attributed"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("." + path.name + ".tmp")
+        o.attributed.to_parquet(tmp, index=False)
+        tmp.rename(path)
     offline = {kt: len(df) for kt, df in o.features.items()}
     for kt, df in o.features.items():
         write_offline(cfg, kt, o.seq, df)
@@ -55,6 +70,7 @@ def write_slice_files(cfg: Config, o) -> dict:
         body = b"".join(orjson.dumps({"stream": st, "reason": r, "reason_kind": reason_kind(r),
                                       "record": rec}) + b"\n" for st, rec, r in o.quarantine)
         _atomic_write(data / "quarantine" / f"{name}.jsonl", body)
+        files["quarantine"] = f"quarantine/{name}.jsonl"
     q = Counter(reason_kind(r) for _, _, r in o.quarantine)
     stats = {"seq": o.seq, "in": o.counts.get("in", {}), "processed": o.counts.get("processed", {}),
              "quarantined": dict(q), "pending": o.counts.get("pending", 0),
@@ -62,6 +78,9 @@ def write_slice_files(cfg: Config, o) -> dict:
              "offline_rows": offline,
              "timing": {**o.counts.get("timing", {}), "sink_s": round(time.perf_counter() - t0, 3)}}
     _atomic_write(data / "stats" / f"{name}.json", json.dumps(stats).encode())
+    # the hand-off to the outcomes job, last: the slice's files are complete once it exists
+    handoff = {"seq": o.seq, "root": str(data.resolve()), "files": files, "clock": o.clock, "final": o.final}
+    _atomic_write(data / "handoff" / f"{name}.json", json.dumps(handoff).encode() + b"\n")
     return stats
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field as dc_field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["Field", "Contract", "load", "CONTRACTS", "STREAMS"]
+__all__ = ["Field", "Contract", "load", "CONTRACTS", "STREAMS", "TABLES", "table_contract"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -32,7 +32,18 @@ STREAMS = {"decision": 1, "click": 1, "conversion": 1}
 _ARROW = {"string": "string", "int": "int64", "double": "float64",
           "bool": "bool_", "timestamp_ms": "int64"}
 _FLINK_SQL = {"string": "STRING", "int": "BIGINT", "double": "DOUBLE",
-              "bool": "BOOLEAN", "timestamp_ms": "BIGINT"}
+              "bool": "BOOLEAN", "timestamp_ms": "BIGINT", "timestamp": "TIMESTAMP_LTZ(6)"}
+
+#: Iceberg tables written by the jobs, and the contract version of each
+TABLES = {"outcome": 1, "delay_model": 1, "quarantine": 1}
+
+
+def _arrow_type(t: str):
+    import pyarrow as pa
+
+    if t == "timestamp":        # Iceberg timestamptz
+        return pa.timestamp("us", tz="UTC")
+    return getattr(pa, _ARROW[t])()
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,20 @@ class Contract:
     id_field: str
     time_field: str
     fields: tuple[Field, ...] = dc_field(default_factory=tuple)
+    kind: str = "event"                  # event (a stream) or table (an Iceberg table)
+    partition_day: str | None = None     # tables: partitioned by day of this column
+    table: str | None = None             # tables: Iceberg table name without version
 
     @property
     def qualified_name(self) -> str:
         return f"{self.name}_v{self.version}"
+
+    @property
+    def table_name(self) -> str:
+        """Iceberg table name, versioned (``outcomes_v1``)."""
+        if self.table is None:
+            raise ValueError(f"{self.qualified_name} is an event contract, not a table")
+        return f"{self.table}_v{self.version}"
 
     @property
     def field_names(self) -> list[str]:
@@ -74,7 +95,7 @@ class Contract:
     def arrow_schema(self):
         import pyarrow as pa
 
-        return pa.schema([pa.field(f.name, getattr(pa, _ARROW[f.type])(),
+        return pa.schema([pa.field(f.name, _arrow_type(f.type),
                                    nullable=not f.required,
                                    metadata={"doc": f.doc})
                           for f in self.fields],
@@ -106,7 +127,18 @@ def load(name: str, version: int | None = None) -> Contract:
         fields.append(Field(**f))
     return Contract(name=raw["name"], version=raw["version"], doc=raw.get("doc", ""),
                     id_field=raw["id_field"], time_field=raw["time_field"],
-                    fields=tuple(fields))
+                    fields=tuple(fields), kind=raw.get("kind", "event"),
+                    partition_day=raw.get("partition_day"), table=raw.get("table"))
 
 
 CONTRACTS = {name: load(name, v) for name, v in STREAMS.items()}
+
+
+def table_contract(name: str) -> Contract:
+    """The contract of Iceberg table ``name`` (``outcome``, ``delay_model``, ``quarantine``).
+
+    >>> c = table_contract("outcome")
+    >>> c.table_name, c.partition_day, str(c.arrow_schema().field("decision_time").type)
+    ('outcomes_v1', 'decision_time', 'timestamp[us, tz=UTC]')
+    """
+    return load(name, TABLES[name])

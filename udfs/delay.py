@@ -8,8 +8,10 @@ exponential latency); :class:`CampaignDelayModels` shrinks each campaign's
 estimates towards the global one with conjugate pseudo-counts (Beta for ``p``,
 Gamma for ``λ``), so thin campaigns borrow strength.
 
-This is the estimation core of the outcomes job (issue 3); the job itself is
-not built yet.
+With an attribution window ``W`` the label is "converts within W", and the
+interim label is ``p·(S(e) - S(W)) / (1 - p + p·S(e))`` (``window=W``); with no
+window it is the formula above. :class:`udfs.outcomes.OutcomeEngine` refits
+these models as cohorts mature and labels open decisions with them.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -32,14 +34,21 @@ import numpy as np
 __all__ = ["interim_label", "ExponentialCureModel", "CampaignDelayModels"]
 
 
-def interim_label(p, lam, elapsed):
-    """P(convert | no conversion after ``elapsed``) = p·S / (1 - p + p·S), S = exp(-λ·elapsed).
+def interim_label(p, lam, elapsed, window=None):
+    """P(convert | no conversion after ``elapsed``) = p·S(e) / (1 - p + p·S(e)), S(e) = exp(-λe).
+
+    With ``window`` W, the probability of a conversion *within W*:
+    p·(S(e) - S(W)) / (1 - p + p·S(e)), which is 0 once e >= W.
 
     >>> interim_label(0.5, 1.0, 0.0), round(float(interim_label(0.5, 1.0, 50.0)), 12)
     (0.5, 0.0)
+    >>> float(interim_label(0.5, 1.0, 2.0, window=2.0)), round(float(interim_label(0.5, 1.0, 0.0, window=1e9)), 12)
+    (0.0, 0.5)
     """
-    s = np.exp(-np.asarray(lam) * np.asarray(elapsed))
-    out = p * s / (1.0 - p + p * s)
+    lam, elapsed = np.asarray(lam, dtype=float), np.asarray(elapsed, dtype=float)
+    s = np.exp(-lam * elapsed)
+    tail = 0.0 if window is None else np.exp(-lam * np.maximum(np.asarray(window, dtype=float), elapsed))
+    out = p * (s - tail) / (1.0 - p + p * s)
     return float(out) if np.ndim(out) == 0 else out
 
 
@@ -58,20 +67,28 @@ class ExponentialCureModel:
         self.max_iter = max_iter
         self.tol = tol
 
-    def fit(self, converted, delay, elapsed) -> "ExponentialCureModel":
+    def fit(self, converted, delay, elapsed, weight=None, init=None) -> "ExponentialCureModel":
+        """``converted``: a conversion was observed; ``delay``: its delay (any value when not
+        converted); ``elapsed``: time observed (the censoring time of the others).
+        ``weight``: frequency weights (a row standing for that many identical decisions);
+        ``init``: (p, λ) to start EM from (a previous fit), else counting the open as negatives.
+        """
         converted = np.asarray(converted, dtype=bool)
         delay = np.asarray(delay, dtype=float)
         elapsed = np.asarray(elapsed, dtype=float)
-        n = len(converted)
-        n_conv = float(converted.sum())
-        sum_delay = float(delay[converted].sum())
-        e_open = elapsed[~converted]
+        wt = np.ones(len(converted)) if weight is None else np.asarray(weight, dtype=float)
+        n = float(wt.sum())
+        n_conv = float(wt[converted].sum())
+        sum_delay = float((wt * delay)[converted].sum())
+        e_open, w_open = elapsed[~converted], wt[~converted]
         k = float(self.prior_strength) if self.prior_p is not None else 0.0
-        # start: every open decision counted as a non-converter
-        p = max(n_conv / max(n, 1), 1e-6)
-        lam = n_conv / sum_delay if sum_delay > 0 else 1.0
+        if init is not None and n_conv > 0 and all(np.isfinite(init)) and 0 < init[0] < 1 and init[1] > 0:
+            p, lam = float(init[0]), float(init[1])
+        else:   # start: every open decision counted as a non-converter
+            p = max(n_conv / max(n, 1), 1e-6)
+            lam = n_conv / sum_delay if sum_delay > 0 else 1.0
         for self.n_iter_ in range(1, self.max_iter + 1):
-            w = interim_label(p, lam, e_open) if len(e_open) else np.zeros(0)
+            w = w_open * interim_label(p, lam, e_open) if len(e_open) else np.zeros(0)
             # Beta(k·p0, k·(1-p0)) and Gamma(k, k/λ0) pseudo-counts
             p_new = (n_conv + w.sum() + k * (self.prior_p or 0.0)) / (n + k)
             events = n_conv + (k if self.prior_lam is not None else 0.0)
@@ -83,7 +100,7 @@ class ExponentialCureModel:
             if done:
                 break
         self.p_, self.lam_ = float(p), float(lam)
-        self.n_, self.n_converted_ = n, int(n_conv)
+        self.n_, self.n_converted_ = int(round(n)), int(round(n_conv))
         return self
 
     def survival(self, t):

@@ -90,6 +90,9 @@ class SliceOutput:
     online: dict = field(default_factory=dict)       # key type -> DataFrame (latest rows, every online_every slices)
     quarantine: list = field(default_factory=list)   # (stream, record, reason)
     counts: dict = field(default_factory=dict)
+    attributed: pd.DataFrame | None = None           # clicks/conversions joined to a decision
+    clock: int | None = None       # every event at or before it has been released (the watermark)
+    final: bool = False            # end of input: everything was released
 
 
 class _KeyTable:
@@ -299,6 +302,7 @@ class FeatureEngine:
             self.pending = [e for e in self.pending if e[0] > wm]
         c = out.counts.setdefault("processed", {})
         out.counts["pending"] = len(self.pending)
+        out.clock, out.final = (self.max_t, True) if final else (wm, False)
         if not released:
             return
         released.sort(key=lambda e: (e[0], e[1], e[2]))
@@ -306,16 +310,18 @@ class FeatureEngine:
         span = MAX_EXPONENT / float(self._rates.max())
         start = 0
         n = len(released)
-        enriched, touched = [], {kt: set() for kt in KEY_TYPES}
+        enriched, touched, attributed = [], {kt: set() for kt in KEY_TYPES}, []
         while start < n:
             t0 = released[start][0]
             end = start
             while end < n and released[end][0] - t0 <= span:
                 end += 1
-            self._process_released(released[start:end], out, c, enriched, touched)
+            self._process_released(released[start:end], out, c, enriched, touched, attributed)
             start = end
         if enriched:
             out.enriched = pd.concat(enriched, ignore_index=True)
+        if attributed:
+            out.attributed = pd.concat(attributed, ignore_index=True)
         for kt in KEY_TYPES:
             rows = np.fromiter(sorted(touched[kt]), dtype=np.int64)
             if len(rows):
@@ -337,7 +343,7 @@ class FeatureEngine:
                 tab.sums *= col
         self.landmark = new_landmark
 
-    def _process_released(self, events, out, counts, enriched, touched) -> None:
+    def _process_released(self, events, out, counts, enriched, touched, attributed) -> None:
         t_first, t_last = events[0][0], events[-1][0]
         if self.landmark is None or float(self._rates.max()) * (t_last - self.landmark) > MAX_EXPONENT:
             self._move_landmark(t_first)
@@ -400,6 +406,11 @@ class FeatureEngine:
             ok = np.array(ok, dtype=bool)
             good = out_pos[ok]
             if len(good):
+                recs = [events[i] for i in good.tolist()]
+                attributed.append(pd.DataFrame({
+                    "event_id": [e[2] for e in recs], "decision_id": [e[4][1] for e in recs],
+                    "kind": [e[3] for e in recs], "event_time": np.array([e[0] for e in recs], np.int64),
+                    "value": [e[4][3] if e[3] == "conversion" else 0.0 for e in recs]}))
                 d_rows = np.array([found[j][1] for j in np.flatnonzero(ok).tolist()], dtype=np.int64)
                 metric = np.where(ranks[good] == 1, 1, 2).astype(np.int64)
                 for k, kt in enumerate(KEY_TYPES):
