@@ -40,6 +40,7 @@ class Config:
     flink: MappingProxyType
     feast: MappingProxyType
     iceberg: MappingProxyType
+    outcomes: MappingProxyType
 
     @property
     def data_dir(self) -> Path:
@@ -49,6 +50,13 @@ class Config:
     def engine_params(self) -> dict:
         """Constructor arguments of ``udfs.features.FeatureEngine``."""
         return dict(self.features)
+
+    def outcome_params(self) -> dict:
+        """Constructor arguments of ``udfs.outcomes.OutcomeEngine``."""
+        return {"click_window": self.features["click_window"],
+                "conversion_window": self.features["conversion_window"],
+                "commit_every": self.outcomes["commit_every"],
+                "prior_strength": float(self.outcomes["prior_strength"])}
 
 
 def load(path: str | os.PathLike | None = None, env: dict | None = None) -> Config:

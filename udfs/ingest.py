@@ -21,7 +21,7 @@ import orjson
 from schemas import CONTRACTS
 from udfs.validation import Validator
 
-__all__ = ["Slice", "read_slice", "manifest_lines", "VALIDATORS"]
+__all__ = ["Slice", "read_slice", "manifest_lines", "VALIDATORS", "HandoffSlice", "handoff_lines", "read_handoff"]
 
 VALIDATORS = {name: Validator(c) for name, c in CONTRACTS.items()}
 
@@ -54,3 +54,41 @@ def read_slice(manifest_line: str | bytes) -> Slice:
         lines[stream] = len(raw)
         bad.extend((stream, l.decode("utf-8", "replace"), r) for l, r in q)
     return Slice(seq=int(m["seq"]), batches=batches, lines=lines, quarantined=bad)
+
+
+@dataclass
+class HandoffSlice:
+    """One slice of the features job's output, as the outcomes job reads it."""
+    seq: int
+    decisions: object          # pyarrow.Table of enriched decisions, or None
+    outcomes: object           # pandas.DataFrame of attributed clicks/conversions, or None
+    clock: int | None          # every event at or before it has been released
+    final: bool                # the features job's input ended with this slice
+    quarantined: list          # (stream, reason, record as JSON text) quarantined by the features job
+
+
+def handoff_lines(data_dir) -> list[str]:
+    """Every hand-off line under ``<data_dir>/handoff/``, in sequence order."""
+    files = sorted((Path(data_dir) / "handoff").glob("slice-*.json"))
+    return [line for f in files for line in f.read_text().splitlines() if line]
+
+
+def read_handoff(line: str | bytes) -> HandoffSlice:
+    """Read the files a hand-off line names (``jobs/sinks.write_slice_files`` wrote them)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    m = orjson.loads(line)
+    root, files = Path(m["root"]), m["files"]
+    decisions = pq.read_table(root / files["enriched"]) if "enriched" in files else None
+    outcomes = pd.read_parquet(root / files["attributed"]) if "attributed" in files else None
+    quarantined = []
+    if "quarantine" in files:
+        for raw in (root / files["quarantine"]).read_bytes().splitlines():
+            if raw:
+                q = orjson.loads(raw)
+                rec = q["record"]
+                quarantined.append((q["stream"], q["reason"],
+                                    rec if isinstance(rec, str) else orjson.dumps(rec).decode()))
+    return HandoffSlice(seq=int(m["seq"]), decisions=decisions, outcomes=outcomes, clock=m["clock"],
+                        final=bool(m["final"]), quarantined=quarantined)

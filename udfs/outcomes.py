@@ -213,7 +213,8 @@ class OutcomeEngine:
         return epochs
 
     def _add_decisions(self, seq, df) -> None:
-        tbl = _as_decision_table(df)
+        # canonical order, whatever the input's: the same rows give the same fits to the last bit
+        tbl = _as_decision_table(df).sort_by([("event_time", "ascending"), ("decision_id", "ascending")])
         ids = tbl.column("decision_id").to_pylist()
         self._count("in", "decision", len(ids))
         index = self.index
@@ -320,6 +321,8 @@ class OutcomeEngine:
         if closed.any():
             self._retire(closed, converted)
         counts["held_after"] = len(self.t)
+        counts["totals"] = {k: dict(v) for k, v in self.totals.items()}
+        counts["totals"]["pending"] = len(self.orphans)
         self.last_epoch = clock
         self.quarantine = []
         self.dirty = False

@@ -1,0 +1,131 @@
+"""For analysts: read the Iceberg tables, compare interim and finalized conversion rates.
+
+    python -m jobs.analyst compare                  # conversion rate by campaign: now vs finalized vs naive
+    python -m jobs.analyst compare --data-dir data/demo/run
+    python -m jobs.analyst delay                    # the latest delay model per campaign
+    python -m jobs.analyst sql "SELECT label_status, count(*) FROM outcomes GROUP BY 1"
+
+``compare`` puts side by side, per campaign: the conversion rate *estimated now*
+(mean of ``conversion_label`` over every decision, interim rows counting their
+survival-corrected label), the rate over *finalized* decisions only (windows
+closed), and the *naive* observed rate over every decision (open windows counted
+as non-conversions, biased low while conversions are still arriving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import pandas as pd
+
+from jobs.config import Config, load as load_config
+
+__all__ = ["read_table", "duckdb_connection", "compare", "latest_delay_models", "accuracy"]
+
+
+def read_table(cfg: Config, name: str = "outcome", row_filter=None) -> pd.DataFrame:
+    """A table's current snapshot through pyiceberg (``name``: outcome, delay_model, quarantine)."""
+    from jobs.iceberg_store import open_tables
+
+    table = open_tables(cfg)[name]
+    scan = table.scan(row_filter=row_filter) if row_filter is not None else table.scan()
+    return scan.to_arrow().to_pandas()
+
+
+def duckdb_connection(cfg: Config):
+    """DuckDB with one view per table (``outcomes``, ``delay_models``, ``quarantine``) over the
+    Parquet data files of each table's current snapshot."""
+    import duckdb
+
+    from jobs.iceberg_store import open_tables, table_files
+
+    con = duckdb.connect()
+    for name, table in open_tables(cfg).items():
+        view = {"outcome": "outcomes", "delay_model": "delay_models"}.get(name, name)
+        files = table_files(table)
+        if files:
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({files!r})")
+    return con
+
+
+COMPARE_SQL = """
+SELECT campaign_id,
+       count(*)                                                         AS decisions,
+       count(*) FILTER (WHERE label_status = 'interim')                 AS interim,
+       avg(conversion_label)                                            AS rate_estimated_now,
+       avg(CASE WHEN label_status = 'final' THEN conversion_label END)  AS rate_finalized,
+       avg(CASE WHEN converted THEN 1.0 ELSE 0.0 END)                   AS rate_naive
+FROM outcomes GROUP BY campaign_id ORDER BY campaign_id
+"""
+
+
+def compare(cfg: Config) -> pd.DataFrame:
+    """Conversion rate by campaign: estimated now vs finalized only vs naive (DuckDB)."""
+    return duckdb_connection(cfg).sql(COMPARE_SQL).df()
+
+
+def latest_delay_models(cfg: Config) -> pd.DataFrame:
+    dm = read_table(cfg, "delay_model")
+    if dm.empty:
+        return dm
+    return dm[dm.version == dm.version.max()].sort_values("campaign_id").reset_index(drop=True)
+
+
+def accuracy(cfg: Config, sim_dir) -> dict:
+    """The outcomes against the simulator's ground truth (``<sim_dir>/truth``).
+
+    * per campaign: estimated delay rate vs the true one;
+    * over decisions still inside their window: the conversion rate from the
+      interim labels, the naive observed rate, and the true rate
+      ``mean(p_arm · (1 - exp(-λ·W)))`` (probability of a conversion within W).
+    """
+    from udfs.features import parse_duration
+
+    W = parse_duration(cfg.features["conversion_window"])
+    out = read_table(cfg, "outcome")
+    truth = pd.read_parquet(os.path.join(sim_dir, "truth", "decisions.parquet")).set_index("decision_id")
+    camps = pd.read_parquet(os.path.join(sim_dir, "truth", "campaigns.parquet")).set_index("campaign_id")
+    dm = latest_delay_models(cfg).set_index("campaign_id")
+    delay = pd.DataFrame({"true_rate_per_hour": camps.delay_rate_per_ms * 3_600_000,
+                          "estimated_rate_per_hour": dm.delay_rate_per_hour,
+                          "conversions": dm.conversions}).dropna()
+    delay["relative_error"] = delay.estimated_rate_per_hour / delay.true_rate_per_hour - 1
+
+    def rates(rows):
+        tr = truth.loc[rows.decision_id]
+        p_arm = np.where(tr.arm == "treatment", tr.p_conv_treatment, tr.p_conv_control)
+        true = float((p_arm * (1 - np.exp(-tr.delay_rate_per_ms.to_numpy() * W))).mean())
+        est, naive = float(rows.conversion_label.mean()), float(rows.converted.mean())
+        return {"decisions": len(rows), "estimated": est, "naive": naive, "true": true,
+                "estimated_relative_error": est / true - 1, "naive_relative_error": naive / true - 1}
+
+    open_rows = out[out.label_status == "interim"]
+    return {"rows": len(out), "unique_decisions": int(out.decision_id.nunique()),
+            "interim": len(open_rows), "final": int((out.label_status == "final").sum()),
+            "delay": delay, "open_cohorts": rates(open_rows) if len(open_rows) else None,
+            "delay_model_version": int(dm.version.max()) if len(dm) else None}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["compare", "delay", "sql"])
+    p.add_argument("query", nargs="?", help="SQL for `sql` (views: outcomes, delay_models, quarantine)")
+    p.add_argument("--data-dir", help="override paths.data_dir")
+    args = p.parse_args(argv)
+    if args.data_dir:
+        os.environ["STREAMLIFT_PATHS__DATA_DIR"] = args.data_dir
+    cfg = load_config()
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format",
+                           "{:.4f}".format):
+        if args.command == "compare":
+            print(compare(cfg).to_string(index=False))
+        elif args.command == "delay":
+            print(latest_delay_models(cfg).to_string(index=False))
+        else:
+            print(duckdb_connection(cfg).sql(args.query).df().to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
