@@ -32,7 +32,7 @@ test: $(STAMP) ## run the whole test suite (unit, mini-cluster job tests, cluste
 test-fast: $(STAMP) ## unit tests only (no JVM)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## features job vs naive per-event state vs Flink SQL ceiling on 1M events
+bench: $(STAMP) ## features and outcomes jobs vs naive per-event state (and Flink SQL) on 1M events
 	$(BIN)/python -m jobs.bench --events 1000000 --out bench/results
 
 simulate: $(STAMP) ## write simulated traffic to $(DATA)/sim

@@ -1,4 +1,5 @@
-"""make bench: the features job against a naive per-event-state variant and the Flink SQL ceiling.
+"""make bench: the features and outcomes jobs against naive per-event-state variants (and the
+features job against the Flink SQL ceiling).
 
 All variants read the same simulated input in the same run, on the local
 mini-cluster with checkpointing on:
@@ -8,7 +9,13 @@ mini-cluster with checkpointing on:
 * ``naive``               a Python KeyedProcessFunction reading and writing a ValueState per event
                           (process mode, default bundles), on the first ``--naive-events`` lines;
 * ``flink_sql``           Flink SQL, JSON files -> blackhole (all Java), columns from schemas/;
-* ``engine_only_python``  read/validate and the engine as a plain Python loop, no Flink.
+* ``engine_only_python``  read/validate and the engine as a plain Python loop, no Flink;
+* ``outcomes``            the outcomes job on the hand-off of ``features_no_online`` (the same
+                          input), committing to Iceberg (SQL catalog on SQLite);
+* ``outcomes_naive``      the per-event design of that join: a Python KeyedProcessFunction keyed
+                          by decision id, one ValueState read+write per decision/click/conversion,
+                          on the first ``--naive-events`` events;
+* ``outcomes_engine_only`` reading the hand-off and the outcomes engine, no Flink, no commits.
 
 Each is reported as events/s end to end and *net* of the start-up time of an
 empty job measured in the same run; ratios are net/net. Results go to
@@ -135,6 +142,88 @@ def run_engine_only(cfg, sim: Path) -> dict:
             "engine_events_per_second": round(n / (t2 - t1))}
 
 
+def handoff_events(line: str) -> list:
+    """(decision id, event time, kind) of every decision and outcome of one hand-off slice."""
+    from udfs.ingest import read_handoff
+
+    h = read_handoff(line)
+    out = []
+    if h.decisions is not None:
+        out += list(zip(h.decisions.column("decision_id").to_pylist(),
+                        h.decisions.column("event_time").to_pylist(), [0] * h.decisions.num_rows))
+    if h.outcomes is not None:
+        out += list(zip(h.outcomes.decision_id, h.outcomes.event_time.astype(int),
+                        (h.outcomes.kind == "conversion").astype(int) + 1))
+    return out
+
+
+def run_outcomes(features_dir: Path, data: Path) -> dict:
+    from jobs.outcomes import run
+
+    if data.exists():
+        shutil.rmtree(data)
+    cfg = load_config(env={**os.environ, "STREAMLIFT_PATHS__DATA_DIR": str(data)})
+    s = run(cfg, features_dir)
+    s["events"] = sum(s["totals"]["in"].values())
+    return s
+
+
+def run_outcomes_naive(cfg, features_dir: Path, max_events: int) -> tuple[int, float]:
+    """Per event: one ValueState read and write of the decision's outcome row."""
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction
+    from pyflink.datastream.state import ValueStateDescriptor
+
+    from jobs.flink_env import stream_env
+    from udfs.ingest import handoff_lines
+    from udfs.outcomes import DAY_MS
+
+    events = []
+    for line in handoff_lines(features_dir):
+        if len(events) >= max_events:
+            break
+        events += handoff_events(line)
+    events = [(d, int(t), int(k)) for d, t, k in events[:max_events]]
+
+    class Naive(KeyedProcessFunction):
+        def open(self, ctx):
+            self.state = ctx.get_state(ValueStateDescriptor("row", Types.PICKLED_BYTE_ARRAY()))
+
+        def process_element(self, value, ctx):
+            did, t, kind = value
+            row = self.state.value() or {"t": None, "clicks": 0, "conversions": 0, "first_conv": -1}
+            if kind == 0:
+                row["t"] = t
+            elif row["t"] is not None and t - row["t"] <= 7 * DAY_MS:
+                row["clicks" if kind == 1 else "conversions"] += 1
+                if kind == 2 and row["first_conv"] < 0:
+                    row["first_conv"] = t
+            self.state.update(row)
+
+    env = stream_env(cfg, overrides={"python.fn-execution.bundle.size": "1000",
+                                     "python.fn-execution.bundle.time": "1000"})
+    (env.from_collection(events, type_info=Types.TUPLE([Types.STRING(), Types.LONG(), Types.INT()]))
+     .key_by(lambda v: v[0], key_type=Types.STRING())
+     .process(Naive()).name("naive-outcomes-per-event-state"))
+    return len(events), _timed(lambda: env.execute("naive-outcomes"))
+
+
+def run_outcomes_engine_only(cfg, features_dir: Path) -> dict:
+    from udfs.ingest import handoff_lines, read_handoff
+    from udfs.outcomes import OutcomeEngine
+
+    t0 = time.time()
+    slices = [read_handoff(line) for line in handoff_lines(features_dir)]
+    t1 = time.time()
+    eng = OutcomeEngine(**cfg.outcome_params())
+    for h in slices:
+        eng.offer(h.seq, h.decisions, h.outcomes, h.clock, h.final, h.quarantined)
+    t2 = time.time()
+    n = sum(eng.totals["in"].values())
+    return {"events": n, "read_events_per_second": round(n / (t1 - t0)),
+            "engine_events_per_second": round(n / (t2 - t1))}
+
+
 def run_flink_sql(sim: Path) -> tuple[int, float]:
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
@@ -159,13 +248,17 @@ def run_flink_sql(sim: Path) -> tuple[int, float]:
 def ratios(results: dict) -> dict:
     """Python variants against each other net of start-up; against Flink SQL end to end
     (the SQL job is over within about a second of its start-up)."""
-    net = {k: results[k]["net_events_per_second"] for k in ("features", "features_no_online", "naive")}
+    net = {k: results[k]["net_events_per_second"] for k in ("features", "features_no_online", "naive",
+                                                             "outcomes", "outcomes_naive")}
     e2e = {k: results[k]["events_per_second"] for k in ("features", "features_no_online", "flink_sql")}
     return {
         "features_vs_naive": round(net["features"] / net["naive"], 2),
         "features_no_online_vs_naive": round(net["features_no_online"] / net["naive"], 2),
         "features_vs_flink_sql_end_to_end": round(e2e["features"] / e2e["flink_sql"], 3),
         "features_no_online_vs_flink_sql_end_to_end": round(e2e["features_no_online"] / e2e["flink_sql"], 3),
+        "outcomes_vs_outcomes_naive": round(net["outcomes"] / net["outcomes_naive"], 2),
+        "outcomes_vs_outcomes_naive_end_to_end": round(results["outcomes"]["events_per_second"]
+                                                       / results["outcomes_naive"]["events_per_second"], 2),
     }
 
 
@@ -219,10 +312,20 @@ def main(argv=None) -> None:
     n, wall = run_flink_sql(sim)
     results["flink_sql"] = entry(n, wall)
     save()
+    o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
+    results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
+                           "commit_seconds": o["commit_seconds"], "engine_seconds": o["engine_seconds"],
+                           "rows_last_epoch": o["rows_last_epoch"]}
+    save()
+    n, wall = run_outcomes_naive(cfg, out / "run-features-no-online", args.naive_events)
+    results["outcomes_naive"] = entry(n, wall)
+    save()
+    results["outcomes_engine_only"] = run_outcomes_engine_only(cfg, out / "run-features-no-online")
+    save()
     results["ratios"] = ratios(results)
     save()
     print("\n== make bench: features job (events/s, net of start-up %.1f s) ==" % startup)
-    for k in ("features", "features_no_online", "naive", "flink_sql"):
+    for k in ("features", "features_no_online", "naive", "flink_sql", "outcomes", "outcomes_naive"):
         r = results[k]
         print(f"{k:<20} {r['events']:>10,} events  {r['wall_seconds']:>7.1f} s  "
               f"{r['events_per_second']:>9,}/s end to end  {r['net_events_per_second'] or '-':>9}/s net")
@@ -231,6 +334,10 @@ def main(argv=None) -> None:
     e = results["engine_only_python"]
     print(f"without Flink, one core: read+validate {e['read_validate_events_per_second']:,}/s, "
           f"engine {e['engine_events_per_second']:,}/s")
+    e = results["outcomes_engine_only"]
+    o = results["outcomes"]
+    print(f"outcomes: {o['epochs']} epochs, Iceberg commits {o['commit_seconds']} s, engine {o['engine_seconds']} s; "
+          f"without Flink: read {e['read_events_per_second']:,}/s, engine {e['engine_events_per_second']:,}/s")
     print(f"written to {out / 'features.json'}")
 
 

@@ -1,4 +1,5 @@
-"""make demo: simulate traffic, run the features job on the local mini-cluster, read features back.
+"""make demo: simulate traffic, run the features job then the outcomes job on the local mini-cluster,
+read features back from Feast and the outcomes from Iceberg.
 
     python -m jobs.demo --events 200000 --data-dir data/demo
 """
@@ -20,6 +21,8 @@ def main(argv=None) -> None:
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--data-dir", default="data/demo")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--days", type=float, default=10.0, help="simulated days (the conversion window is 7)")
+    p.add_argument("--campaigns", type=int, default=6)
     args = p.parse_args(argv)
 
     root = Path(args.data_dir).resolve()
@@ -33,7 +36,7 @@ def main(argv=None) -> None:
     from jobs.features import run
 
     t0 = time.time()
-    truth = simulate(sim_dir, events=args.events, seed=args.seed)
+    truth = simulate(sim_dir, events=args.events, seed=args.seed, days=args.days, campaigns=args.campaigns)
     print(f"simulated {truth['lines_total']:,} lines in {truth['slices']} slices "
           f"({time.time() - t0:.1f}s) -> {sim_dir}")
     summary = run(cfg, sim_dir)
@@ -78,7 +81,43 @@ def main(argv=None) -> None:
     v = last.at[u, "impressions_1d"]
     print(f"\n{u}: impressions_1d = {v:.3f} as of its last event; decayed to the end of the stream "
           f"({(now - as_of) / 3.6e6:.1f} h later): {decay_to(v, as_of, now, parse_duration('1d')):.3f}")
+    outcomes_report(cfg, sim_dir)
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def outcomes_report(cfg, sim_dir) -> dict:
+    """Run the outcomes job on the features job's hand-off and compare with the ground truth."""
+    import pandas as pd
+
+    from jobs.analyst import accuracy, compare
+    from jobs.outcomes import run as run_outcomes
+
+    s = run_outcomes(cfg)
+    tot = s["totals"]
+    n_in = sum(tot["in"].values())
+    print("\n== outcomes job (local mini-cluster) -> Iceberg ==")
+    print(f"events in        {n_in:>10,}   {tot['in']}")
+    print(f"joined           {sum(tot['processed'].values()):>10,}   {tot['processed']}")
+    print(f"quarantined      {sum(tot['quarantined'].values()):>10,}   {tot['quarantined']}")
+    print(f"pending          {tot['pending']:>10,}")
+    print(f"epochs committed {s['epochs']:>10,}   (one per {cfg.outcomes['commit_every']} of event time + end of input)")
+    print(f"wall time        {s['wall_seconds']:>10.1f} s  ({n_in / s['wall_seconds']:,.0f} events/s end to end)")
+    acc = accuracy(cfg, sim_dir)
+    print(f"rows             {acc['rows']:>10,}   ({acc['unique_decisions']:,} distinct decisions): "
+          f"{acc['interim']:,} interim, {acc['final']:,} final; delay model v{acc['delay_model_version']}")
+    print("\n-- delay rate per campaign: estimated (latest fit) vs simulator truth --")
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
+        print(acc["delay"].to_string())
+    oc = acc["open_cohorts"]
+    if oc:
+        print(f"\n-- conversion rate of the {oc['decisions']:,} decisions still inside their window --")
+        print(f"from interim labels   {oc['estimated']:.4f}   ({oc['estimated_relative_error']:+.1%} vs truth)")
+        print(f"naive observed        {oc['naive']:.4f}   ({oc['naive_relative_error']:+.1%} vs truth)")
+        print(f"truth                 {oc['true']:.4f}   (mean P(conversion within the window) of the simulator)")
+    print("\n-- python -m jobs.analyst compare: conversion rate by campaign, now vs finalized vs naive --")
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
+        print(compare(cfg).to_string(index=False))
+    return {"summary": s, "open_cohorts": oc, "delay": acc["delay"].reset_index().to_dict("records")}
 
 
 if __name__ == "__main__":

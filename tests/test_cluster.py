@@ -37,3 +37,18 @@ def test_submitted_job_writes_the_same_features(cluster, small_sim, tmp_path):
     assert s["events_in"] == truth["lines_total"] and s["reconciles"] and s["pending"] == 0
     ref, _, _ = reference_of(small_sim)
     assert_online_equals_reference(cfg, ref)
+
+
+def test_submitted_outcomes_job_commits_every_decision_once(cluster, small_sim, tmp_path):
+    """The features job, then the outcomes job on its hand-off, both with `flink run -py`."""
+    from jobs.analyst import read_table
+    from jobs.sinks import summarize
+
+    feats = tmp_path / "features"
+    assert cluster.submit("features", str(small_sim), str(feats)).returncode == 0
+    result = cluster.submit("outcomes", str(feats), str(tmp_path / "outcomes"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = read_table(cfg_for(tmp_path / "outcomes"), "outcome")
+    s = summarize(cfg_for(feats))
+    assert out.decision_id.is_unique and len(out) == s["processed_by_stream"]["decision"]
+    assert int(out.conversions.sum()) == s["processed_by_stream"]["conversion"]
