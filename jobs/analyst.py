@@ -20,7 +20,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from jobs.config import Config, load as load_config
+from jobs.config import Config, load_for_cli
 
 __all__ = ["read_table", "duckdb_connection", "compare", "latest_delay_models", "accuracy"]
 
@@ -114,9 +114,7 @@ def main(argv=None) -> None:
     p.add_argument("query", nargs="?", help="SQL for `sql` (views: outcomes, delay_models, quarantine)")
     p.add_argument("--data-dir", help="override paths.data_dir")
     args = p.parse_args(argv)
-    if args.data_dir:
-        os.environ["STREAMLIFT_PATHS__DATA_DIR"] = args.data_dir
-    cfg = load_config()
+    cfg = load_for_cli(args.data_dir)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format",
                            "{:.4f}".format):
         if args.command == "compare":

@@ -175,8 +175,8 @@ def run_outcomes_naive(cfg, features_dir: Path, max_events: int) -> tuple[int, f
     from pyflink.datastream.state import ValueStateDescriptor
 
     from jobs.flink_env import stream_env
+    from udfs.features import parse_duration
     from udfs.ingest import handoff_lines
-    from udfs.outcomes import DAY_MS
 
     events = []
     for line in handoff_lines(features_dir):
@@ -184,6 +184,7 @@ def run_outcomes_naive(cfg, features_dir: Path, max_events: int) -> tuple[int, f
             break
         events += handoff_events(line)
     events = [(d, int(t), int(k)) for d, t, k in events[:max_events]]
+    window = parse_duration(cfg.features["conversion_window"])
 
     class Naive(KeyedProcessFunction):
         def open(self, ctx):
@@ -194,7 +195,7 @@ def run_outcomes_naive(cfg, features_dir: Path, max_events: int) -> tuple[int, f
             row = self.state.value() or {"t": None, "clicks": 0, "conversions": 0, "first_conv": -1}
             if kind == 0:
                 row["t"] = t
-            elif row["t"] is not None and t - row["t"] <= 7 * DAY_MS:
+            elif row["t"] is not None and t - row["t"] <= window:
                 row["clicks" if kind == 1 else "conversions"] += 1
                 if kind == 2 and row["first_conv"] < 0:
                     row["first_conv"] = t

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import yaml
 
-__all__ = ["Config", "load", "ROOT"]
+__all__ = ["Config", "load", "load_for_cli", "ROOT"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "STREAMLIFT_"
@@ -71,3 +71,11 @@ def load(path: str | os.PathLike | None = None, env: dict | None = None) -> Conf
             raise KeyError(f"{key}: no section {section!r} in {path}")
         raw[section][name] = yaml.safe_load(value)
     return Config(**{k: _freeze(v) for k, v in raw.items()})
+
+
+def load_for_cli(data_dir: str | None = None) -> Config:
+    """For a command's ``main()``: ``--data-dir`` overrides ``paths.data_dir`` in this process's
+    environment (so Flink's Python workers started from it see it too), then :func:`load`."""
+    if data_dir:
+        os.environ[PREFIX + "PATHS__DATA_DIR"] = str(data_dir)
+    return load()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file by `flink run -py jobs/features.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.config import Config, load as load_config  # noqa: E402
+from jobs.config import Config, load_for_cli  # noqa: E402
 
 __all__ = ["build", "run", "read_validate"]
 
@@ -142,15 +141,11 @@ def _online_function(cfg: Config):
 
 def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     """Wire the job into ``env``; returns the stream of per-slice stats (JSON strings)."""
-    from pyflink.common import Duration, Types, WatermarkStrategy
-    from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
+    from pyflink.common import Types
 
-    builder = FileSource.for_record_stream_format(StreamFormat.text_line_format(),
-                                                  str(Path(input_dir).resolve() / "manifest"))
-    if follow:
-        builder = builder.monitor_continuously(Duration.of_seconds(1))
-    manifests = env.from_source(builder.build(), WatermarkStrategy.no_watermarks(),
-                                "slice-manifests").uid("slice-manifests").set_parallelism(1) \
+    from jobs.flink_env import line_source
+
+    manifests = line_source(env, Path(input_dir) / "manifest", follow, "slice-manifests") \
         .slot_sharing_group("read")
     shards = int(cfg.flink["engine_shards"])
     # each step in its own slot sharing group: its own task slot, so its own Python
@@ -170,36 +165,24 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
 
 def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | None = None) -> dict:
-    """Run the job on the local mini-cluster (bounded unless ``follow``); returns a summary."""
+    """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
+    ``follow``; returns a summary."""
     from jobs.feast_store import open_store
-    from jobs.flink_env import stream_env
+    from jobs.flink_env import job_env, terminate
     from jobs.sinks import summarize
 
     data = cfg.data_dir
     data.mkdir(parents=True, exist_ok=True)
     open_store(cfg, apply=True)            # register entities and views before writing
     t0 = time.time()
-    env = stream_env(cfg, checkpoint_dir=data / "checkpoints", overrides=overrides)
-    stats = build(env, cfg, input_dir, follow)
-    terminate(stats)
+    env = job_env(cfg, checkpoint_dir=data / "checkpoints", overrides=overrides)
+    terminate(build(env, cfg, input_dir, follow))
     env.execute("streamlift-features")
     wall = time.time() - t0
     summary = summarize(cfg)
     summary["wall_seconds"] = round(wall, 2)
     summary["events_per_second"] = round(summary["events_in"] / wall, 1) if wall else None
     return summary
-
-
-def terminate(stats) -> None:
-    """End the graph: per-slice stats go to stdout with STREAMLIFT_PRINT=1, else are discarded
-    (the sinks already wrote them to <data>/stats/)."""
-    if os.environ.get("STREAMLIFT_PRINT"):
-        stats.print().name("stats").uid("stats")
-        return
-    from pyflink.datastream.functions import SinkFunction
-
-    stats.add_sink(SinkFunction("org.apache.flink.streaming.api.functions.sink.legacy.DiscardingSink")) \
-        .name("discard").uid("discard")
 
 
 def main(argv=None) -> None:
@@ -209,18 +192,7 @@ def main(argv=None) -> None:
     p.add_argument("--follow", action="store_true", help="keep monitoring for new slices")
     p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
     args = p.parse_args(argv)
-    if args.data_dir:
-        os.environ["STREAMLIFT_PATHS__DATA_DIR"] = args.data_dir
-    cfg = load_config()
-    if os.environ.get("STREAMLIFT_ON_CLUSTER"):
-        from jobs.feast_store import open_store
-        from pyflink.datastream import StreamExecutionEnvironment
-
-        open_store(cfg, apply=True)
-        env = StreamExecutionEnvironment.get_execution_environment()
-        terminate(build(env, cfg, Path(args.input), args.follow))
-        env.execute("streamlift-features")
-        return
+    cfg = load_for_cli(args.data_dir)
     overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
     summary = run(cfg, Path(args.input), args.follow, overrides=overrides)
     print(json.dumps(summary, indent=2))

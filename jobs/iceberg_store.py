@@ -132,8 +132,6 @@ def commit_append(table, rows: pa.Table, epoch: int) -> bool:
     return True
 
 
-_DAY_US = 86_400_000_000
-
 
 def _day_filter(column: str, days):
     import datetime as dt
@@ -156,10 +154,12 @@ def commit_partitions(table, rows: pa.Table, epoch: int, column: str) -> bool:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from udfs.outcomes import DAY_MS
+
     if _done(table, epoch) or rows.num_rows == 0:
         return False
     us = rows.column(column).cast(pa.int64()).to_numpy()
-    day = us // _DAY_US
+    day = us // (DAY_MS * 1000)
     if len(day) > 1 and (np.diff(day) < 0).any():
         order = np.argsort(day, kind="stable")
         rows, day = rows.take(pa.array(order)), day[order]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file by `flink run -py jobs/outcomes.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.config import Config, load as load_config  # noqa: E402
+from jobs.config import Config, load_for_cli  # noqa: E402
 
 __all__ = ["build", "run", "commit", "summarize"]
 
@@ -51,7 +50,7 @@ def stats_dir(cfg: Config) -> Path:
 def commit(cfg: Config, tables: dict, epoch, timing: dict | None = None) -> dict:
     """Commit one epoch to the three tables (each skips an epoch it already has)."""
     from jobs.iceberg_store import commit_append, commit_partitions
-    from jobs.sinks import _atomic_write
+    from jobs.sinks import atomic_write
 
     t0 = time.perf_counter()
     done = {"quarantine": commit_append(tables["quarantine"], epoch.quarantine, epoch.epoch),
@@ -59,7 +58,7 @@ def commit(cfg: Config, tables: dict, epoch, timing: dict | None = None) -> dict
             "outcome": commit_partitions(tables["outcome"], epoch.outcomes, epoch.epoch, "decision_time")}
     stats = {"epoch": epoch.epoch, "seq": epoch.seq, "committed": done, **epoch.counts,
              "timing": {**(timing or {}), "commit_s": round(time.perf_counter() - t0, 3)}}
-    _atomic_write(stats_dir(cfg) / f"epoch-{epoch.epoch}.json", json.dumps(stats).encode())
+    atomic_write(stats_dir(cfg) / f"epoch-{epoch.epoch}.json", json.dumps(stats).encode())
     return stats
 
 
@@ -134,15 +133,11 @@ def _engine_function(cfg: Config):
 
 def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     """Wire the job into ``env``; returns the stream of per-epoch stats (JSON strings)."""
-    from pyflink.common import Duration, Types, WatermarkStrategy
-    from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
+    from pyflink.common import Types
 
-    builder = FileSource.for_record_stream_format(StreamFormat.text_line_format(),
-                                                  str(Path(input_dir).resolve() / "handoff"))
-    if follow:
-        builder = builder.monitor_continuously(Duration.of_seconds(1))
-    lines = env.from_source(builder.build(), WatermarkStrategy.no_watermarks(), "handoff") \
-        .uid("handoff").set_parallelism(1)
+    from jobs.flink_env import line_source
+
+    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
     return (lines.key_by(lambda _: 0, key_type=Types.INT())
             .process(_engine_function(cfg), output_type=Types.STRING())
             .name("outcomes-engine").uid("outcomes-engine").set_parallelism(1))
@@ -163,15 +158,15 @@ def summarize(cfg: Config) -> dict:
 
 def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
         overrides: dict | None = None) -> dict:
-    """Run the job on the local mini-cluster (bounded unless ``follow``); returns a summary."""
-    from jobs.features import terminate
-    from jobs.flink_env import stream_env
+    """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
+    ``follow``; returns a summary."""
+    from jobs.flink_env import job_env, terminate
     from jobs.iceberg_store import open_tables
 
     input_dir = Path(input_dir or cfg.data_dir)
     open_tables(cfg)
     t0 = time.time()
-    env = stream_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-outcomes", overrides=overrides)
+    env = job_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-outcomes", overrides=overrides)
     terminate(build(env, cfg, input_dir, follow))
     env.execute("streamlift-outcomes")
     summary = summarize(cfg)
@@ -186,21 +181,8 @@ def main(argv=None) -> None:
     p.add_argument("--follow", action="store_true", help="keep taking slices as they are handed off")
     p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
     args = p.parse_args(argv)
-    if args.data_dir:
-        os.environ["STREAMLIFT_PATHS__DATA_DIR"] = args.data_dir
-    cfg = load_config()
+    cfg = load_for_cli(args.data_dir)
     input_dir = Path(args.input) if args.input else cfg.data_dir
-    if os.environ.get("STREAMLIFT_ON_CLUSTER"):
-        from pyflink.datastream import StreamExecutionEnvironment
-
-        from jobs.features import terminate
-        from jobs.iceberg_store import open_tables
-
-        open_tables(cfg)
-        env = StreamExecutionEnvironment.get_execution_environment()
-        terminate(build(env, cfg, input_dir, args.follow))
-        env.execute("streamlift-outcomes")
-        return
     overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
     print(json.dumps(run(cfg, input_dir, args.follow, overrides=overrides), indent=2))
 

@@ -23,13 +23,20 @@ from jobs.config import Config
 from jobs.feast_store import write_offline, write_online
 from udfs.validation import reason_kind
 
-__all__ = ["write_slice_files", "write_online_frames", "summarize", "read_enriched", "read_quarantine"]
+__all__ = ["atomic_write", "write_slice_files", "write_online_frames", "summarize", "read_enriched", "read_quarantine"]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_bytes(data)
+    tmp.rename(path)
+
+
+def _atomic_parquet(path: Path, df) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
     tmp.rename(path)
 
 
@@ -38,7 +45,7 @@ def write_online_frames(cfg: Config, store, seq: int, online: dict) -> dict:
     t0 = time.perf_counter()
     rows = {kt: write_online(store, kt, df) for kt, df in online.items()}
     stats = {"seq": seq, "online_rows": rows, "online_s": round(time.perf_counter() - t0, 3)}
-    _atomic_write(cfg.data_dir / "stats" / f"online-{seq:08d}.json", json.dumps(stats).encode())
+    atomic_write(cfg.data_dir / "stats" / f"online-{seq:08d}.json", json.dumps(stats).encode())
     return stats
 
 
@@ -47,29 +54,18 @@ def write_slice_files(cfg: Config, o) -> dict:
     t0 = time.perf_counter()
     data = cfg.data_dir
     name = f"slice-{o.seq:08d}"
-    if o.enriched is not None and len(o.enriched):
-        path = data / "enriched" / f"{name}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("." + path.name + ".tmp")
-        o.enriched.to_parquet(tmp, index=False)
-        tmp.rename(path)
     files = {}
-    if o.enriched is not None and len(o.enriched):
-        files["enriched"] = f"enriched/{name}.parquet"
-    if o.attributed is not None and len(o.attributed):
-        files["attributed"] = f"attributed/{name}.parquet"
-        path = data / files["attributed"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("." + path.name + ".tmp")
-        o.attributed.to_parquet(tmp, index=False)
-        tmp.rename(path)
+    for kind, df in (("enriched", o.enriched), ("attributed", o.attributed)):
+        if df is not None and len(df):
+            files[kind] = f"{kind}/{name}.parquet"
+            _atomic_parquet(data / files[kind], df)
     offline = {kt: len(df) for kt, df in o.features.items()}
     for kt, df in o.features.items():
         write_offline(cfg, kt, o.seq, df)
     if o.quarantine:
         body = b"".join(orjson.dumps({"stream": st, "reason": r, "reason_kind": reason_kind(r),
                                       "record": rec}) + b"\n" for st, rec, r in o.quarantine)
-        _atomic_write(data / "quarantine" / f"{name}.jsonl", body)
+        atomic_write(data / "quarantine" / f"{name}.jsonl", body)
         files["quarantine"] = f"quarantine/{name}.jsonl"
     q = Counter(reason_kind(r) for _, _, r in o.quarantine)
     stats = {"seq": o.seq, "in": o.counts.get("in", {}), "processed": o.counts.get("processed", {}),
@@ -77,10 +73,10 @@ def write_slice_files(cfg: Config, o) -> dict:
              "enriched": 0 if o.enriched is None else len(o.enriched),
              "offline_rows": offline,
              "timing": {**o.counts.get("timing", {}), "sink_s": round(time.perf_counter() - t0, 3)}}
-    _atomic_write(data / "stats" / f"{name}.json", json.dumps(stats).encode())
+    atomic_write(data / "stats" / f"{name}.json", json.dumps(stats).encode())
     # the hand-off to the outcomes job, last: the slice's files are complete once it exists
     handoff = {"seq": o.seq, "root": str(data.resolve()), "files": files, "clock": o.clock, "final": o.final}
-    _atomic_write(data / "handoff" / f"{name}.json", json.dumps(handoff).encode() + b"\n")
+    atomic_write(data / "handoff" / f"{name}.json", json.dumps(handoff).encode() + b"\n")
     return stats
 
 

@@ -41,3 +41,34 @@ def announce(sim_dir, manifest_file):
     tmp = Path(sim_dir) / "manifest" / ("." + manifest_file.name)
     shutil.copy(manifest_file, tmp)
     os.rename(tmp, tmp.with_name(manifest_file.name))
+
+
+def wait_for(cond, timeout=120):
+    """Poll ``cond`` until it returns something truthy; that value, or AssertionError on timeout."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def completed_checkpoints(data, folder="checkpoints"):
+    """Completed checkpoint directories of the job(s) under ``<data>/<folder>``, oldest first."""
+    return [p.parent for p in sorted(Path(data).glob(f"{folder}/*/chk-*/_metadata"),
+                                     key=lambda p: int(p.parent.name[4:]))]
+
+
+def wait_for_newer_checkpoint(data, folder="checkpoints", timeout=90):
+    """Wait for a checkpoint newer than the newest one now; return its directory. Flink retains
+    only the newest checkpoint, so a count of them says nothing: compare their numbers."""
+    def newest():
+        chk = completed_checkpoints(data, folder)
+        return int(chk[-1].name[4:]) if chk else -1
+
+    k = newest()
+    wait_for(lambda: newest() > k, timeout=timeout)
+    return completed_checkpoints(data, folder)[-1]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import completed_checkpoints, wait_for, wait_for_newer_checkpoint
 from test_job import cfg_for
-from test_restart import wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,24 +151,18 @@ def test_restart_from_a_checkpoint_midway_gives_the_tables_of_a_clean_run(pipeli
     def epochs_done():
         return sorted((run_dir / "outcomes").glob("epoch-*.json")) if (run_dir / "outcomes").exists() else []
 
-    def checkpoints():
-        return sorted(run_dir.glob("checkpoints-outcomes/*/chk-*/_metadata"), key=lambda p: int(p.parent.name[4:]))
-
     half = len(handoffs) // 2
     for f in handoffs[:half]:
         announce(f)
     proc = start()
     try:
         wait_for(lambda: len(epochs_done()) >= 3)
-        # only the newest checkpoint is retained: wait for a higher checkpoint number
-        newest = lambda: int(checkpoints()[-1].parent.name[4:]) if checkpoints() else -1  # noqa: E731
-        k = newest()
-        wait_for(lambda: newest() > k, timeout=90)
+        wait_for_newer_checkpoint(run_dir, "checkpoints-outcomes")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     first_run = {p.name for p in epochs_done()}
-    checkpoint = checkpoints()[-1].parent
+    checkpoint = completed_checkpoints(run_dir, "checkpoints-outcomes")[-1]
     for f in handoffs[half:]:
         announce(f)
     proc = start("--from-checkpoint", str(checkpoint))

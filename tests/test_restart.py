@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import announce, hold_manifests, read_slices
+from conftest import announce, completed_checkpoints, hold_manifests, read_slices, wait_for, \
+    wait_for_newer_checkpoint
 from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
@@ -25,22 +26,8 @@ def start(sim, data, *extra):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait_for(cond, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError("timed out")
-
-
 def slice_stats(data):
     return sorted((data / "stats").glob("slice-*.json")) if (data / "stats").exists() else []
-
-
-def completed_checkpoints(data):
-    return sorted(data.glob("checkpoints/*/chk-*/_metadata"), key=lambda p: int(p.parent.name[4:]))
 
 
 def test_crash_and_restart_from_checkpoint(tmp_path):
@@ -59,12 +46,11 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
     proc = start(sim, data)
     try:
         wait_for(lambda: len(slice_stats(data)) >= half)
-        n_chk = len(completed_checkpoints(data))
-        wait_for(lambda: len(completed_checkpoints(data)) > n_chk, timeout=60)  # one after the first half
+        wait_for_newer_checkpoint(data)                                           # one after the first half
     finally:
         os.killpg(proc.pid, signal.SIGKILL)                                       # crash
         proc.wait(timeout=30)
-    checkpoint = completed_checkpoints(data)[-1].parent
+    checkpoint = completed_checkpoints(data)[-1]
 
     for f in files[half:]:
         announce(sim, f)

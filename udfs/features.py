@@ -185,6 +185,7 @@ class FeatureEngine:
         self.feature_columns = feature_names(self.half_lives)
         self._fields = {k: CONTRACTS[k].field_names for k in KINDS}
         self._id_field = {k: CONTRACTS[k].id_field for k in KINDS}
+        self._value_pos = self._fields["conversion"].index("value")
 
         self.tables = {kt: _KeyTable(self._n_cols) for kt in KEY_TYPES}
         self.watermark: int | None = None
@@ -410,7 +411,7 @@ class FeatureEngine:
                 attributed.append(pd.DataFrame({
                     "event_id": [e[2] for e in recs], "decision_id": [e[4][1] for e in recs],
                     "kind": [e[3] for e in recs], "event_time": np.array([e[0] for e in recs], np.int64),
-                    "value": [e[4][3] if e[3] == "conversion" else 0.0 for e in recs]}))
+                    "value": [e[4][self._value_pos] if e[3] == "conversion" else 0.0 for e in recs]}))
                 d_rows = np.array([found[j][1] for j in np.flatnonzero(ok).tolist()], dtype=np.int64)
                 metric = np.where(ranks[good] == 1, 1, 2).astype(np.int64)
                 for k, kt in enumerate(KEY_TYPES):

@@ -58,11 +58,10 @@ from schemas import table_contract
 from udfs.delay import ExponentialCureModel, interim_label
 from udfs.features import parse_duration
 
-__all__ = ["OutcomeEngine", "Epoch", "DAY_MS", "DECISION_COLUMNS", "OUTCOME_KINDS"]
+__all__ = ["OutcomeEngine", "Epoch", "DAY_MS", "DECISION_COLUMNS"]
 
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
-OUTCOME_KINDS = ("click", "conversion")
+DAY_MS = parse_duration("1d")      # day partitions (UTC days since the epoch, as Iceberg's day transform)
+HOUR_MS = parse_duration("1h")     # the delay model works in hours
 _KIND_RANK = {"click": 0, "conversion": 1}
 GLOBAL = "*"
 
@@ -305,8 +304,9 @@ class OutcomeEngine:
         final = clock - t >= self._W
         converted = mut["conversions"] > 0
 
+        delay_h = np.where(converted, (mut["first_conversion_time"] - t) / HOUR_MS, 0.0)
         self.version += 1
-        models_tbl = self._refit(clock, camp, converted, mut["first_conversion_time"] - t, elapsed, final)
+        models_tbl = self._refit(clock, camp, converted, delay_h, elapsed, final)
         p, lam = self._params_for(camp)
         label = np.where(converted, 1.0, np.where(final, 0.0,
                                                   interim_label(p, lam, elapsed / HOUR_MS, self._W / HOUR_MS)))
@@ -319,7 +319,7 @@ class OutcomeEngine:
         # days whose conversion windows have all closed leave the held set
         closed = (day + 1) * DAY_MS + self._W <= clock
         if closed.any():
-            self._retire(closed, converted)
+            self._retire(closed, converted, delay_h)
         counts["held_after"] = len(self.t)
         counts["totals"] = {k: dict(v) for k, v in self.totals.items()}
         counts["totals"]["pending"] = len(self.orphans)
@@ -329,9 +329,8 @@ class OutcomeEngine:
         return Epoch(epoch=clock, seq=seq, outcomes=outcomes, days=days, delay_models=models_tbl,
                      quarantine=quarantine, counts=counts)
 
-    def _retire(self, closed, converted) -> None:
+    def _retire(self, closed, converted, delay_h) -> None:
         t, camp = self.t, self.camp
-        delay_h = np.where(converted, (self.mut["first_conversion_time"] - t) / HOUR_MS, 0.0)
         for k in np.unique(camp[closed]).tolist():
             m = closed & (camp == k)
             s = self.final_stats.setdefault(self.campaigns[k], [0, 0, 0.0])
@@ -348,11 +347,10 @@ class OutcomeEngine:
         self.mut = {c: v[keep] for c, v in self.mut.items()}
         self.index = dict(zip(self.held.column("decision_id").to_pylist(), range(len(self.t))))
 
-    def _refit(self, clock, camp, converted, delay_ms, elapsed_ms, final) -> pa.Table:
+    def _refit(self, clock, camp, converted, delay_h, elapsed_ms, final) -> pa.Table:
         """Delay model per campaign from held rows (censored at min(elapsed, W)) and the
         sufficient statistics of retired ones, shrunk towards the global fit."""
         W_h = self._W / HOUR_MS
-        delay_h = np.where(converted, delay_ms / HOUR_MS, 0.0)
         cens_h = elapsed_ms / HOUR_MS
         present = np.bincount(camp, minlength=len(self.campaigns)) > 0 if len(camp) else \
             np.zeros(len(self.campaigns), bool)
