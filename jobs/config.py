@@ -41,6 +41,7 @@ class Config:
     feast: MappingProxyType
     iceberg: MappingProxyType
     outcomes: MappingProxyType
+    learner: MappingProxyType
 
     @property
     def data_dir(self) -> Path:
@@ -57,6 +58,21 @@ class Config:
                 "conversion_window": self.features["conversion_window"],
                 "commit_every": self.outcomes["commit_every"],
                 "prior_strength": float(self.outcomes["prior_strength"])}
+
+    def learner_params(self) -> dict:
+        """Constructor arguments of ``udfs.learners.OnlineLearner``."""
+        keys = ("label_wait", "refit_every", "snapshot_every", "snapshot_examples", "batch_size", "lr",
+                "intercept_lr", "buckets", "calibration_window", "ipw_clip", "drift_threshold", "model_id")
+        return {"half_lives": tuple(self.features["half_lives"]),
+                "click_window": self.features["click_window"],
+                "conversion_window": self.features["conversion_window"],
+                "prior_strength": float(self.outcomes["prior_strength"]),
+                **{k: self.learner[k] for k in keys}}
+
+    @property
+    def model_store(self) -> str:
+        """The model store URL, ``{data_dir}`` filled in."""
+        return str(self.learner["model_store"]).replace("{data_dir}", str(self.data_dir))
 
 
 def load(path: str | os.PathLike | None = None, env: dict | None = None) -> Config:

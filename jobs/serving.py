@@ -1,0 +1,174 @@
+"""Model store and serving read path.
+
+Snapshots of the learner job live in a model store, any fsspec URL
+(``learner.model_store``; a local folder by default)::
+
+    <store>/<model_id>/v000007/model.pkl        the pickled udfs.learners.ModelBundle
+    <store>/<model_id>/v000007/manifest.json    version, clock, feature schema version, training
+                                                window, metrics, drift, safe flag
+    <store>/<model_id>/LATEST                   the newest version written (never goes back)
+
+A serving process::
+
+    from jobs.serving import load_latest_model, features_from_feast
+    model = load_latest_model()                       # newest snapshot marked safe
+    feats = features_from_feast(store, requests, now_ms)   # Feast online features, decayed to now
+    scores = model.score(feats)                       # ctr, conversion, uplift, uplift_dr, model_version
+
+``python -m jobs.serving --data-dir data/demo/run`` does that for a few users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fsspec  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["write_snapshot", "list_versions", "load_model", "load_latest_model", "ServingModel",
+           "features_from_feast"]
+
+
+def _join(*parts) -> str:
+    return "/".join(str(p).rstrip("/") for p in parts)
+
+
+def write_snapshot(store_url: str, snap) -> str:
+    """Write one ``udfs.learners.Snapshot``; returns its folder URL. Rewriting a version (a
+    replay after a restart) writes the same bytes; ``LATEST`` only moves forward."""
+    fs, root = fsspec.core.url_to_fs(store_url)
+    folder = _join(root, snap.model_id, f"v{snap.version:06d}")
+    fs.makedirs(folder, exist_ok=True)
+    with fs.open(_join(folder, "model.pkl"), "wb") as f:
+        f.write(snap.bundle)
+    with fs.open(_join(folder, "manifest.json"), "w") as f:     # written last: marks the snapshot complete
+        f.write(json.dumps(snap.manifest(), indent=2))
+    latest = _join(root, snap.model_id, "LATEST")
+    current = int(fs.cat_file(latest)) if fs.exists(latest) else 0
+    if snap.version > current:
+        with fs.open(latest, "w") as f:
+            f.write(str(snap.version))
+    return _join(store_url, snap.model_id, f"v{snap.version:06d}")
+
+
+def list_versions(store_url: str, model_id: str) -> list[dict]:
+    """The manifests of every complete snapshot of ``model_id``, oldest first."""
+    fs, root = fsspec.core.url_to_fs(store_url)
+    base = _join(root, model_id)
+    if not fs.exists(base):
+        return []
+    out = []
+    for p in sorted(fs.ls(base, detail=False)):
+        m = _join(p, "manifest.json")
+        if Path(p).name.startswith("v") and fs.exists(m):
+            out.append(json.loads(fs.cat_file(m)))
+    return sorted(out, key=lambda m: m["version"])
+
+
+@dataclass
+class ServingModel:
+    """A loaded snapshot: :meth:`score` returns calibrated CTR, conversion probability and uplift
+    with the model version to log with the decision."""
+    bundle: object
+    manifest: dict
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest['model_id']}@v{self.manifest['version']}"
+
+    @property
+    def feature_schema_version(self) -> str:
+        return self.manifest["feature_schema_version"]
+
+    def score(self, features) -> pd.DataFrame:
+        out = self.bundle.score(features)
+        out["model_version"] = self.version
+        out["feature_schema_version"] = self.feature_schema_version
+        return out
+
+
+def load_model(store_url: str, model_id: str, version: int) -> ServingModel:
+    fs, root = fsspec.core.url_to_fs(store_url)
+    folder = _join(root, model_id, f"v{version:06d}")
+    manifest = json.loads(fs.cat_file(_join(folder, "manifest.json")))
+    bundle = pickle.loads(fs.cat_file(_join(folder, "model.pkl")))
+    return ServingModel(bundle, manifest)
+
+
+def load_latest_model(store_url: str | None = None, model_id: str | None = None,
+                      safe_only: bool = True, cfg=None) -> ServingModel:
+    """The newest snapshot (by default the newest one not flagged by the drift check)."""
+    if store_url is None or model_id is None:
+        from jobs.config import load
+        cfg = cfg or load()
+        store_url = store_url or cfg.model_store
+        model_id = model_id or cfg.learner["model_id"]
+    versions = [m for m in list_versions(store_url, model_id) if m["safe"] or not safe_only]
+    if not versions:
+        raise FileNotFoundError(f"no {'safe ' if safe_only else ''}snapshot of {model_id!r} in {store_url}")
+    return load_model(store_url, model_id, versions[-1]["version"])
+
+
+def features_from_feast(store, requests: pd.DataFrame, now_ms: int, half_lives=None) -> pd.DataFrame:
+    """The features of each request row (decision context with ``user_id``, ``campaign_id``,
+    ``creative_id``) from Feast's online store, decayed from each key's last event to ``now_ms``
+    (Feast keeps a key's accumulators as of its last event), in the columns the learner reads."""
+    from jobs.feast_store import view_name
+    from udfs.decay import rate
+    from udfs.features import ENTITY_COLUMNS, KEY_TYPES, feature_names, parse_duration
+
+    if half_lives is None:
+        from jobs.config import load
+        half_lives = load().features["half_lives"]
+    names = feature_names(half_lives)
+    out = requests.reset_index(drop=True).copy()
+    for kt in KEY_TYPES:
+        view = view_name(kt)
+        rows = out[list(ENTITY_COLUMNS[kt])].to_dict("records")
+        got = store.get_online_features(features=[f"{view}:{n}" for n in names], entity_rows=rows) \
+            .to_df(include_event_timestamps=True)
+        for n in names:
+            v = got[n].to_numpy(dtype=float, na_value=np.nan)
+            ts = pd.to_datetime(got[f"{n}__ts"], utc=True) if f"{n}__ts" in got else None
+            if ts is not None:
+                as_of = ts.astype("int64").to_numpy() // 1_000_000
+                hl = parse_duration(n.rsplit("_", 1)[1])
+                v = v * np.exp(-rate(hl) * np.maximum(now_ms - as_of, 0))
+            out[f"{kt}__{n}"] = v
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="score a few decisions with the newest model and Feast features")
+    p.add_argument("--data-dir", help="override paths.data_dir (the features/learner run)")
+    p.add_argument("--sim", help="simulator output to take request contexts from (default <data-dir>/../sim)")
+    p.add_argument("-n", type=int, default=5)
+    args = p.parse_args(argv)
+    from jobs.config import load_for_cli
+    from jobs.feast_store import open_store
+
+    cfg = load_for_cli(args.data_dir)
+    model = load_latest_model(cfg=cfg)
+    sim = Path(args.sim) if args.sim else cfg.data_dir.parent / "sim"
+    truth = pd.read_parquet(sim / "truth" / "decisions.parquet")
+    dec = pd.concat([pd.read_parquet(f) for f in sorted((cfg.data_dir / "enriched").glob("*.parquet"))[-1:]])
+    req = dec.tail(args.n)[["decision_id", "user_id", "campaign_id", "creative_id", "placement", "device",
+                            "region", "hour", "arm"]]
+    now = int(truth["event_time"].max())
+    feats = features_from_feast(open_store(cfg, apply=False), req, now, cfg.features["half_lives"])
+    scores = model.score(feats)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(pd.concat([req[["user_id", "campaign_id", "creative_id"]].reset_index(drop=True), scores], axis=1))
+
+
+if __name__ == "__main__":
+    main()

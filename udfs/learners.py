@@ -1,0 +1,821 @@
+"""Online learners: hashed features, river models fed in mini-batches, online
+Platt calibration, delayed-feedback conversion labels, a T-learner and a
+doubly-robust learner for uplift. Plain Python, numpy and river; no Flink.
+
+The models (all :class:`river.linear_model` GLMs, updated with ``learn_many`` on
+fixed-size mini-batches, Adam steps):
+
+- ``ctr``: P(click | shown), treatment-arm decisions (the control arm is never
+  shown), label final after ``click_window``; raw score s, served as
+  ``σ(a·s + b)`` by :class:`OnlinePlatt` fitted on the most recent outcomes;
+- ``conversion``: P(conversion within W | shown) under delayed feedback. It is
+  trained once per decision when the decision is ``label_wait`` old, on the
+  *interim* label (1 if converted, else ``P(convert within W | none after e)``
+  from the campaign's delay model, :func:`udfs.delay.interim_label`), and
+  corrected when the window closes: one step on the final label and one on the
+  interim label with weight −1, so the net gradient is ``(ỹ − y)·x`` and each
+  decision ends up counted once, with its final label;
+- ``conversion_naive``: the baseline that delayed-feedback methods are judged
+  against: trained at the same moment on the label observed then (not yet
+  converted = negative), never corrected;
+- uplift, T-learner: ``mu1`` on treatment, ``mu0`` on control, same delayed
+  labels, each example weighted by ``1/π`` (the logged propensity of the
+  creative, clipped, normalized per mini-batch); τ(x) = μ1(x) − μ0(x);
+- uplift, doubly robust: pseudo-outcome
+  ``φ = μ1 − μ0 + T·(y − μ1)/e − (1 − T)·(y − μ0)/(1 − e)`` (e = share of the
+  treatment arm, counted online), i.e. ``v_a = μ(x, a) + w·(y − μ(x, a))`` with
+  ``w = 1/P(a)``, regressed on x by a linear model ``tau_dr`` (corrected like
+  ``conversion`` when y becomes final: φ is linear in y).
+
+:class:`OnlineLearner` is the training loop that ``jobs/learner.py`` runs in a
+Flink operator, one hand-off slice at a time (test-then-train: every decision
+is scored when it arrives, before any label of it is used), and
+:class:`ModelBundle` is what a snapshot serializes and serving loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import xxhash
+from river import linear_model, optim, utils
+
+from schemas import CONTRACTS
+from udfs.delay import CampaignDelayModels, interim_label
+from udfs.features import KEY_TYPES, feature_names, parse_duration
+from udfs.metrics import FeatureSummary, auc, drift, ece, log_loss, qini_coefficient
+
+__all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "BatchLogisticRegression", "BatchLinearRegression",
+           "OnlineGLM", "OnlinePlatt", "ModelBundle", "OnlineLearner", "Snapshot", "MODEL_NAMES"]
+
+HOUR_MS = parse_duration("1h")
+CLIP_Z = 6.0
+MODEL_NAMES = ("ctr", "conversion", "conversion_naive", "mu1", "mu0", "tau_dr")
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -35, 35)))
+
+
+# ----------------------------------------------------------------------------- features
+class FeatureEncoder:
+    """Enriched decision -> (numeric block, hashed categorical indices) -> dense row.
+
+    Numeric: ``log1p`` of every decayed accumulator (NaN, i.e. no key or no
+    consent, -> 0), a missing flag per key type, smoothed click and conversion
+    rates per key type and half-life. Categorical: each
+    field (and cross) value is hashed (xxh64 of ``"field=value"``) into one of
+    ``buckets`` one-hot columns.
+
+    >>> enc = FeatureEncoder(("1h",), buckets=16)
+    >>> df = pd.DataFrame({"placement": ["feed"], "device": ["ios"], "region": ["eu"], "hour": [3],
+    ...                    "campaign_id": ["c1"], "creative_id": ["k1"]})
+    >>> num, cat = enc.encode(df)
+    >>> num.shape, cat.shape, enc.dense(num, cat).shape == (1, enc.n_features)
+    ((1, 12), (1, 9), True)
+    """
+
+    FIELDS = ("placement", "device", "region", "hour", "campaign_id", "creative_id",
+              ("placement", "creative_id"), ("device", "campaign_id"), ("region", "campaign_id"))
+
+    def __init__(self, half_lives=("1h", "1d", "7d"), buckets: int = 128):
+        self.half_lives = tuple(half_lives)
+        self.buckets = int(buckets)
+        self.raw_columns = [f"{kt}__{n}" for kt in KEY_TYPES for n in feature_names(self.half_lives)]
+        names = [f"log1p:{c}" for c in self.raw_columns] + [f"missing:{kt}" for kt in KEY_TYPES]
+        names += [f"{r}:{kt}_{h}" for kt in KEY_TYPES for h in self.half_lives for r in ("ctr", "cvr")]
+        self.numeric_names = names
+        self.field_names = ["*".join(f) if isinstance(f, tuple) else f for f in self.FIELDS]
+        self._cache = {}
+
+    @property
+    def n_numeric(self) -> int:
+        return len(self.numeric_names)
+
+    @property
+    def n_features(self) -> int:
+        return self.n_numeric + self.buckets
+
+    @property
+    def version(self) -> str:
+        """Feature schema version: the decision contract version and a hash of the spec."""
+        spec = repr((self.numeric_names, self.field_names, self.buckets)).encode()
+        return f"decision-v{CONTRACTS['decision'].version}-{hashlib.sha256(spec).hexdigest()[:8]}"
+
+    def _bucket(self, field: str, values: np.ndarray) -> np.ndarray:
+        codes, uniques = pd.factorize(values)
+        cache = self._cache.setdefault(field, {})
+        b = np.empty(len(uniques), np.int32)
+        for i, u in enumerate(uniques):
+            h = cache.get(u)
+            if h is None:
+                h = cache[u] = xxhash.xxh64_intdigest(f"{field}={u}".encode()) % self.buckets
+            b[i] = h
+        return b[codes]
+
+    def encode(self, df) -> tuple[np.ndarray, np.ndarray]:
+        """``df``: a DataFrame (or pyarrow Table) with the decision context and, where known, the
+        enriched feature columns (absent columns count as missing)."""
+        if not isinstance(df, pd.DataFrame):
+            df = df.to_pandas()
+        n = len(df)
+        raw = np.full((n, len(self.raw_columns)), np.nan)
+        for j, c in enumerate(self.raw_columns):
+            if c in df:
+                raw[:, j] = df[c].to_numpy(dtype=float, na_value=np.nan)
+        per_kt = len(self.raw_columns) // len(KEY_TYPES)
+        missing = np.isnan(raw).reshape(n, len(KEY_TYPES), per_kt).all(axis=2)
+        vals = np.nan_to_num(raw, nan=0.0)
+        parts = [np.log1p(np.maximum(vals, 0.0)), missing.astype(float)]
+        h = len(self.half_lives)
+        for k in range(len(KEY_TYPES)):
+            block = vals[:, k * per_kt:(k + 1) * per_kt]       # impressions, clicks, conversions x h
+            imp, clk, cnv = block[:, :h], block[:, h:2 * h], block[:, 2 * h:]
+            rates = np.empty((n, 2 * h))
+            rates[:, 0::2] = (clk + 0.05) / (imp + 1.0)
+            rates[:, 1::2] = (cnv + 0.01) / (imp + 1.0)
+            parts.append(rates)
+        num = np.hstack(parts).astype(np.float32)
+        cat = np.empty((n, len(self.FIELDS)), np.int32)
+        for j, (f, name) in enumerate(zip(self.FIELDS, self.field_names)):
+            if isinstance(f, tuple):
+                vals_f = df[f[0]].astype(str).to_numpy(dtype=object)
+                for g in f[1:]:
+                    vals_f = vals_f + "|" + df[g].astype(str).to_numpy(dtype=object)
+            else:
+                vals_f = df[f].astype(str).to_numpy(dtype=object)
+            cat[:, j] = self._bucket(name, vals_f)
+        return num, cat
+
+    def dense(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """One row per decision: the numeric block (as given: standardize it first) and the
+        one-hot hashed buckets."""
+        n = len(num)
+        x = np.zeros((n, self.n_features))
+        x[:, :self.n_numeric] = num
+        rows = np.repeat(np.arange(n), cat.shape[1])
+        np.add.at(x, (rows, self.n_numeric + cat.ravel()), 1.0)
+        return x
+
+    def raw_score(self, weights: np.ndarray, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """``dense(num, cat) @ weights`` without building the dense matrix."""
+        return num @ weights[:self.n_numeric] + weights[self.n_numeric:][cat].sum(axis=1)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
+
+
+# ----------------------------------------------------------------------------- river models
+class SoftLog(optim.losses.BinaryLoss):
+    """Log loss on a logit that accepts soft labels y ∈ [0, 1] (river's ``Log`` maps labels to
+    ±1, which is only right for hard ones). Gradient: σ(s) − y."""
+
+    def __call__(self, y_true, y_pred):
+        p = np.clip(_sigmoid(np.asarray(y_pred, float)), 1e-15, 1 - 1e-15)
+        y = np.asarray(y_true, float)
+        out = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def gradient(self, y_true, y_pred):
+        g = _sigmoid(np.asarray(y_pred, float)) - np.asarray(y_true, float)
+        return float(g) if np.ndim(g) == 0 else g
+
+
+class _VectorStep:
+    """Hands river's optimizer the mini-batch gradient as a VectorDict, so Adam takes its
+    vectorized step instead of a Python loop over coordinates."""
+
+    def _eval_gradient_many(self, X, y, w):
+        g, lg = super()._eval_gradient_many(X, y, w)
+        return utils.VectorDict(g), lg
+
+
+class VectorAdaGrad(optim.AdaGrad):
+    """river's AdaGrad with the vectorized step river's Adam has (AdaGrad only loops over a
+    dict): g2 += g², w −= lr·g/√(g2 + eps). Same arithmetic, one VectorDict expression."""
+
+    def _step_with_vector(self, w, g):
+        if not isinstance(self.g2, utils.VectorDict):
+            self.g2 = utils.VectorDict()
+        self.g2 += g * g
+        w -= self.learning_rate * g / (self.g2 + self.eps) ** 0.5
+        return w
+
+
+class BatchLogisticRegression(_VectorStep, linear_model.LogisticRegression):
+    """river LogisticRegression with soft labels and vectorized mini-batch steps."""
+
+
+class BatchLinearRegression(_VectorStep, linear_model.LinearRegression):
+    """river LinearRegression with vectorized mini-batch steps."""
+
+
+class OnlineGLM:
+    """A river GLM over the dense encoded features, fed in mini-batches of ``batch_size`` rows:
+    Adam steps (learning rate ``lr``) for the weights, plain SGD steps (``intercept_lr``) for the
+    intercept, which then settles on the base rate within a few dozen mini-batches."""
+
+    def __init__(self, kind: str, n_features: int, lr: float, l2: float, batch_size: int,
+                 intercept_lr: float, optimizer: str = "adagrad"):
+        opt = VectorAdaGrad(lr) if optimizer == "adagrad" else optim.Adam(lr)
+        if kind == "logistic":
+            self.model = BatchLogisticRegression(optimizer=opt, loss=SoftLog(), l2=l2,
+                                                 intercept_lr=intercept_lr)
+        else:
+            self.model = BatchLinearRegression(optimizer=opt, l2=l2, intercept_lr=intercept_lr)
+        self.kind = kind
+        self.columns = list(range(n_features))
+        self.batch_size = int(batch_size)
+        self.n_seen = 0
+
+    def weights(self) -> np.ndarray:
+        w = self.model.weights
+        return np.array([w.get(c, 0.0) for c in self.columns]) if w else np.zeros(len(self.columns))
+
+    @property
+    def intercept(self) -> float:
+        return float(self.model.intercept)
+
+    def learn(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> None:
+        b = self.batch_size
+        for i in range(0, len(x), b):
+            xb = pd.DataFrame(x[i:i + b], columns=self.columns, copy=False)
+            yb = pd.Series(y[i:i + b])
+            self.model.learn_many(xb, yb, 1.0 if w is None else w[i:i + b])
+        self.n_seen += len(x)
+
+
+    def learn_correction(self, x: np.ndarray, y_final: np.ndarray, y_interim: np.ndarray,
+                         w: np.ndarray | None = None) -> None:
+        """Replace what was learned from ``y_interim`` by ``y_final``: each row goes in twice,
+        (y_final, +w) and (y_interim, −w), side by side in the same mini-batch, so the step's
+        gradient is w·(y_interim − y_final)·x (no σ left in it: nothing is "unlearned" on its own)."""
+        n = len(x)
+        w = np.ones(n) if w is None else np.asarray(w, float)
+        xx = np.empty((2 * n, x.shape[1]))
+        xx[0::2], xx[1::2] = x, x
+        yy = np.empty(2 * n)
+        yy[0::2], yy[1::2] = y_final, y_interim
+        ww = np.empty(2 * n)
+        ww[0::2], ww[1::2] = w, -w
+        b = self.batch_size - self.batch_size % 2          # pairs never straddle two steps
+        for i in range(0, 2 * n, b):
+            self.model.learn_many(pd.DataFrame(xx[i:i + b], columns=self.columns, copy=False),
+                                  pd.Series(yy[i:i + b]), ww[i:i + b])
+
+
+class OnlinePlatt:
+    """Online calibration ŷ = σ(a·s + b), (a, b) the maximum-likelihood fit on the last
+    ``window`` (score, outcome) pairs, refitted by Newton steps (warm-started) after each update.
+
+    >>> rng = np.random.default_rng(0)
+    >>> s = rng.normal(-2, 1, 40000); y = rng.random(40000) < _sigmoid(0.7 * s + 0.3)
+    >>> cal = OnlinePlatt(window=40000); cal.update(s, y)
+    >>> round(cal.a, 1), round(cal.b, 1)
+    (0.7, 0.3)
+    """
+
+    def __init__(self, window: int = 50_000, newton_steps: int = 4):
+        self.window = int(window)
+        self.newton_steps = newton_steps
+        self.s = np.zeros(self.window)
+        self.y = np.zeros(self.window)
+        self.n = 0          # pairs seen (the buffer holds the last min(n, window))
+        self.a, self.b = 1.0, 0.0
+
+    def update(self, s: np.ndarray, y: np.ndarray) -> None:
+        s, y = np.asarray(s, float)[-self.window:], np.asarray(y, float)[-self.window:]
+        idx = (self.n + np.arange(len(s))) % self.window
+        self.s[idx], self.y[idx] = s, y
+        self.n += len(s)
+        self.a, self.b = self.fit(self.s[:min(self.n, self.window)], self.y[:min(self.n, self.window)],
+                                  (self.a, self.b), self.newton_steps)
+
+    @staticmethod
+    def fit(s, y, init=(1.0, 0.0), steps: int = 25, ridge: float = 1e-6) -> tuple[float, float]:
+        """Newton-Raphson for logistic regression of y on (s, 1)."""
+        if len(s) == 0 or np.all(y == y[0]):
+            return init
+        X = np.column_stack([s, np.ones(len(s))])
+        beta = np.array(init, float)
+        for _ in range(steps):
+            p = _sigmoid(X @ beta)
+            grad = X.T @ (p - y)
+            H = (X * (p * (1 - p))[:, None]).T @ X + ridge * np.eye(2)
+            step = np.linalg.solve(H, grad)
+            beta -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return float(beta[0]), float(beta[1])
+
+    def predict(self, s) -> np.ndarray:
+        return _sigmoid(self.a * np.asarray(s, float) + self.b)
+
+
+# ----------------------------------------------------------------------------- the bundle
+class ModelBundle:
+    """Everything needed to score a decision: the encoder, the six models, the calibrator and
+    the treatment share. Pickled into each snapshot; serving scores with :meth:`score`."""
+
+    def __init__(self, encoder: FeatureEncoder, lr=0.05, l2=0.0, batch_size=512,
+                 calibration_window=50_000, intercept_lr=0.2, dr_intercept_lr=0.01):
+        self.encoder = encoder
+        nf = encoder.n_features
+        self.models = {
+            name: OnlineGLM("linear", nf, lr, l2, batch_size, dr_intercept_lr) if name == "tau_dr"
+            else OnlineGLM("logistic", nf, lr, l2, batch_size, intercept_lr) for name in MODEL_NAMES}
+        self.calibrator = OnlinePlatt(calibration_window)
+        self.scaler = FeatureSummary(encoder.n_numeric)   # running mean/std of the numeric block
+        self.n_treated = 0
+        self.n_control = 0
+
+    @property
+    def treatment_share(self) -> float:
+        """e = P(treatment arm), counted with a +1/+1 prior."""
+        return (self.n_treated + 1.0) / (self.n_treated + self.n_control + 2.0)
+
+    def standardize(self, num: np.ndarray) -> np.ndarray:
+        """Numeric block in running standard units (spread floored at 0.05, clipped to ±CLIP_Z:
+        a feature that was constant so far must not blow up when it first moves)."""
+        if self.scaler.n < 2:
+            return num.astype(float)
+        z = (num - self.scaler.mean) / np.maximum(self.scaler.std, 0.05)
+        return np.clip(z, -CLIP_Z, CLIP_Z)
+
+    def design(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """The dense rows the models train on."""
+        return self.encoder.dense(self.standardize(num), cat)
+
+    def raw_scores(self, num, cat) -> dict:
+        z = self.standardize(num)
+        return {name: self.encoder.raw_score(m.weights(), z, cat) + m.intercept
+                for name, m in self.models.items()}
+
+    def predict(self, num, cat) -> pd.DataFrame:
+        raw = self.raw_scores(num, cat)
+        mu1, mu0 = _sigmoid(raw["mu1"]), _sigmoid(raw["mu0"])
+        return pd.DataFrame({
+            "ctr": self.calibrator.predict(raw["ctr"]), "ctr_raw": _sigmoid(raw["ctr"]),
+            "ctr_logit": raw["ctr"],
+            "conversion": _sigmoid(raw["conversion"]), "conversion_naive": _sigmoid(raw["conversion_naive"]),
+            "mu1": mu1, "mu0": mu0, "uplift": mu1 - mu0, "uplift_dr": raw["tau_dr"]})
+
+    def score(self, features) -> pd.DataFrame:
+        """Score decisions given their context and features (a DataFrame, a pyarrow Table, or
+        one dict): calibrated CTR, conversion probability, uplift (T-learner and DR)."""
+        if isinstance(features, dict):
+            features = pd.DataFrame([features])
+        num, cat = self.encoder.encode(features)
+        return self.predict(num, cat)[["ctr", "conversion", "uplift", "uplift_dr"]]
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Snapshot:
+    """One model snapshot: what ``jobs/learner.py`` writes to the model store and Iceberg."""
+    model_id: str
+    version: int
+    clock: int                      # event time of the cut (the hand-off clock)
+    seq: int                        # last hand-off slice included
+    feature_schema_version: str
+    window_start: int | None        # decision times of the examples trained so far
+    window_end: int | None
+    examples: int                   # training examples (first-sight updates) so far
+    corrections: int                # final-label corrections so far
+    metrics: dict                   # prequential, over the examples since the previous snapshot
+    drift: float
+    safe: bool
+    bundle: bytes = field(repr=False, default=b"")
+
+    def manifest(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "bundle"}
+        return d
+
+
+class _Block:
+    """The decisions of one hand-off slice, held until their conversion window closes."""
+
+    def __init__(self, ids, t, camp, treated, prop, num, cat, scores):
+        self.ids = pd.Index(ids)
+        self.t = t
+        self.camp = camp
+        self.treated = treated
+        self.prop = prop
+        self.num, self.cat = num, cat
+        self.scores = scores                       # dict name -> array (first-sight predictions)
+        n = len(t)
+        self.clicked = np.zeros(n, bool)
+        self.conv_t = np.full(n, -1, np.int64)     # conversion event time, -1: none yet
+        self.true_click = None                     # oracle mode only
+        self.true_conv = None
+        self.trained = np.zeros(n, bool)           # ctr trained (first sight)
+        self.conv_trained = np.zeros(n, bool)      # conversion models trained on interim labels
+        self.y_interim = np.zeros(n)
+        self.phi_interim = np.zeros(n)
+        self.e_used = np.zeros(n)
+        self.done = np.zeros(n, bool)              # final correction applied
+
+    def __len__(self):
+        return len(self.t)
+
+
+class OnlineLearner:
+    """Test-then-train over hand-off slices (see the module docstring).
+
+    ``labels``: ``"delayed"`` (the product: interim then final labels), or ``"oracle"``
+    (evaluation only: each decision is trained as soon as it is scored, on its true final
+    labels, taken from the ``true_click`` and ``true_conversion`` columns of the decisions).
+    """
+
+    def __init__(self, half_lives=("1h", "1d", "7d"), click_window="1h", conversion_window="7d",
+                 label_wait="1h", refit_every="1d", snapshot_every="6h", snapshot_examples=100_000,
+                 buckets=128, lr=0.05, l2=0.0, batch_size=512, intercept_lr=0.2,
+                 dr_intercept_lr=0.01, calibration_window=50_000,
+                 ipw_clip=20.0, prior_strength=50.0, fit_sample=50_000, drift_threshold=0.5,
+                 model_id="streamlift", labels="delayed"):
+        if labels not in ("delayed", "oracle"):
+            raise ValueError(f"labels must be 'delayed' or 'oracle', not {labels!r}")
+        self.params = dict(half_lives=tuple(half_lives), click_window=click_window,
+                           conversion_window=conversion_window, label_wait=label_wait,
+                           refit_every=refit_every, snapshot_every=snapshot_every,
+                           snapshot_examples=snapshot_examples, buckets=buckets, lr=lr, l2=l2,
+                           batch_size=batch_size, intercept_lr=intercept_lr,
+                           dr_intercept_lr=dr_intercept_lr, calibration_window=calibration_window,
+                           ipw_clip=ipw_clip, prior_strength=prior_strength, fit_sample=fit_sample,
+                           drift_threshold=drift_threshold, model_id=model_id, labels=labels)
+        self.click_window = parse_duration(click_window)
+        self.window = parse_duration(conversion_window)
+        self.wait = 0 if labels == "oracle" else max(parse_duration(label_wait), self.click_window)
+        self.refit_every = parse_duration(refit_every)
+        self.snapshot_every = parse_duration(snapshot_every)
+        self.snapshot_examples = int(snapshot_examples)
+        self.ipw_clip = float(ipw_clip)
+        self.prior_strength = float(prior_strength)
+        self.fit_sample = int(fit_sample)
+        self.drift_threshold = float(drift_threshold)
+        self.model_id = model_id
+        self.labels = labels
+        self.bundle = ModelBundle(FeatureEncoder(half_lives, buckets), lr, l2, batch_size,
+                                  calibration_window, intercept_lr, dr_intercept_lr)
+        self.blocks: list[_Block] = []
+        self.campaigns: dict[str, int] = {}
+        self.delay_params = None                   # (p, λ per hour) arrays by campaign code
+        self.next_refit = None
+        self.next_snapshot = None
+        self.next_seq = 0
+        self.waiting: dict[int, tuple] = {}
+        self.clock = None
+        self.version = 0
+        self.examples = 0
+        self.corrections = 0
+        self.since_snapshot = 0
+        self.t_min = self.t_max = None
+        self.ref_summary = None
+        self.live_summary = FeatureSummary(self.bundle.encoder.n_numeric)
+        self._eval = self._new_eval()
+        self.totals = {"decisions": 0, "outcomes": 0, "unmatched_outcomes": 0, "trained": 0,
+                       "conversion_trained": 0, "finalized": 0}
+
+    # ------------------------------------------------------------------ input
+    def offer(self, seq: int, decisions=None, outcomes: pd.DataFrame | None = None,
+              clock: int | None = None, final: bool = False) -> list[tuple[int, pd.DataFrame | None, list]]:
+        """Take one hand-off slice; returns, per slice processed now (a slice that arrived early
+        waits for the gap to fill), ``(seq, scores of its decisions, snapshots cut)``."""
+        if seq < self.next_seq or seq in self.waiting:
+            return []                              # a replayed slice: already taken
+        self.waiting[seq] = (decisions, outcomes, clock, final)
+        out = []
+        while self.next_seq in self.waiting:
+            s = self.next_seq
+            out.append((s, *self._process(s, *self.waiting.pop(s))))
+            self.next_seq = s + 1
+        return out
+
+    def flush(self) -> list[Snapshot]:
+        """End of input: a last snapshot of what was learned (rows still inside their waits stay
+        untrained: their labels are not known yet)."""
+        if self.since_snapshot or self.version == 0:
+            return [self._snapshot(self.next_seq - 1)]
+        return []
+
+    def _campaign_codes(self, names) -> np.ndarray:
+        out = np.empty(len(names), np.int32)
+        for i, c in enumerate(names):
+            code = self.campaigns.get(c)
+            if code is None:
+                code = self.campaigns[c] = len(self.campaigns)
+            out[i] = code
+        return out
+
+    def _process(self, seq, decisions, outcomes, clock, final):
+        scored = None
+        if decisions is not None and len(decisions):
+            scored = self._add_decisions(decisions)
+        if outcomes is not None and len(outcomes):
+            self._add_outcomes(outcomes)
+        if clock is not None:
+            self.clock = clock if self.clock is None else max(self.clock, clock)
+        snaps = []
+        if self.clock is not None:
+            snaps = self._advance(seq, final)
+        return scored, snaps
+
+    def _add_decisions(self, decisions) -> pd.DataFrame:
+        df = decisions.to_pandas() if not isinstance(decisions, pd.DataFrame) else decisions
+        enc = self.bundle.encoder
+        num, cat = enc.encode(df)
+        preds = self.bundle.predict(num, cat)
+        t = df["event_time"].to_numpy(np.int64)
+        camp = df["campaign_id"].to_numpy(dtype=object)
+        uniq, inv = np.unique(camp, return_inverse=True)
+        codes = self._campaign_codes(uniq)[inv]
+        treated = (df["arm"].to_numpy(dtype=object) == "treatment")
+        scores = {k: preds[k].to_numpy() for k in ("ctr", "ctr_logit", "conversion", "conversion_naive",
+                                                    "uplift", "uplift_dr")}
+        b = _Block(df["decision_id"].to_numpy(dtype=object), t, codes, treated,
+                   df["propensity"].to_numpy(float), num, cat, scores)
+        if self.labels == "oracle":
+            b.true_click = df["true_click"].to_numpy(bool)
+            b.true_conv = df["true_conversion"].to_numpy(bool)
+        self.blocks.append(b)
+        self.totals["decisions"] += len(b)
+        preds.insert(0, "decision_id", df["decision_id"].to_numpy())
+        preds.insert(1, "model_version", self.version)
+        preds.insert(2, "feature_schema_version", enc.version)
+        return preds.drop(columns=["ctr_logit"])
+
+    def _add_outcomes(self, outcomes: pd.DataFrame) -> None:
+        self.totals["outcomes"] += len(outcomes)
+        ids = outcomes["decision_id"].to_numpy(dtype=object)
+        kind = outcomes["kind"].to_numpy(dtype=object)
+        t = outcomes["event_time"].to_numpy(np.int64)
+        matched = np.zeros(len(ids), bool)
+        for b in self.blocks:
+            pos = b.ids.get_indexer(ids)
+            hit = pos >= 0
+            if not hit.any():
+                continue
+            matched |= hit
+            clk = hit & (kind == "click")
+            b.clicked[pos[clk]] = True
+            cnv = hit & (kind == "conversion")
+            p = pos[cnv]
+            first = (b.conv_t[p] < 0) | (t[cnv] < b.conv_t[p])
+            b.conv_t[p[first]] = t[cnv][first]
+        self.totals["unmatched_outcomes"] += int((~matched).sum())
+
+    # ------------------------------------------------------------------ training
+    def _advance(self, seq, final) -> list[Snapshot]:
+        clock = self.clock
+        if self.next_refit is None:
+            self.next_refit = (clock // self.refit_every + 1) * self.refit_every
+            self.next_snapshot = (clock // self.snapshot_every + 1) * self.snapshot_every
+        if self.labels == "delayed" and (clock >= self.next_refit or (final and self.delay_params is None)):
+            self._refit()
+            self.next_refit = (clock // self.refit_every + 1) * self.refit_every
+        self._train_first_sight(clock)
+        self._finalize(clock)
+        self.blocks = [b for b in self.blocks if not b.done.all()]
+        snaps = []
+        if self.since_snapshot >= self.snapshot_examples or clock >= self.next_snapshot:
+            snaps.append(self._snapshot(seq))
+            self.next_snapshot = (clock // self.snapshot_every + 1) * self.snapshot_every
+        return snaps
+
+    def _refit(self) -> None:
+        """Per-campaign delay models on the held decisions (an evenly spaced sample of at most
+        ``fit_sample``), as of the clock."""
+        if not self.blocks:
+            return
+        camp = np.concatenate([b.camp for b in self.blocks])
+        t = np.concatenate([b.t for b in self.blocks])
+        conv_t = np.concatenate([b.conv_t for b in self.blocks])
+        keep = np.arange(len(t))
+        if len(keep) > self.fit_sample:
+            keep = np.linspace(0, len(t) - 1, self.fit_sample).astype(np.int64)
+        camp, t, conv_t = camp[keep], t[keep], conv_t[keep]
+        elapsed_h = np.minimum((self.clock - t) / HOUR_MS, self.window / HOUR_MS)
+        seen = (conv_t >= 0) & (conv_t <= self.clock)
+        delay_h = np.where(seen, (conv_t - t) / HOUR_MS, 0.0)
+        models = CampaignDelayModels(self.prior_strength).fit(camp, seen, delay_h, elapsed_h)
+        n = len(self.campaigns)
+        p = np.full(n, models.global_.p_)
+        lam = np.full(n, models.global_.lam_)
+        for c, (pc, lc, _) in models.params().items():
+            p[c], lam[c] = pc, lc
+        self.delay_params = (p, lam)
+
+    def _delay_for(self, camp):
+        p, lam = self.delay_params
+        if len(p) < len(self.campaigns):             # a campaign newer than the last fit: global
+            gp, gl = np.median(p), np.median(lam)
+            p = np.concatenate([p, np.full(len(self.campaigns) - len(p), gp)])
+            lam = np.concatenate([lam, np.full(len(self.campaigns) - len(lam), gl)])
+            self.delay_params = (p, lam)
+        return p[camp], lam[camp]
+
+    def _weights(self, prop: np.ndarray) -> np.ndarray:
+        w = np.minimum(1.0 / np.maximum(prop, 1e-9), self.ipw_clip)
+        return w
+
+    def _train_first_sight(self, clock) -> None:
+        models, enc = self.bundle.models, self.bundle.encoder
+        for b in self.blocks:
+            due = ~b.trained & (b.t + self.wait <= clock)
+            conv_due = ~b.conv_trained & (b.t + self.wait <= clock) & \
+                (self.labels == "oracle" or self.delay_params is not None)
+            if not due.any() and not conv_due.any():
+                continue
+            if due.any():
+                idx = np.flatnonzero(due)
+                self.bundle.scaler.update(b.num[idx])
+                x = self.bundle.design(b.num[idx], b.cat[idx])
+                tr = b.treated[idx]
+                click = (b.true_click if self.labels == "oracle" else b.clicked)[idx]
+                if tr.any():
+                    models["ctr"].learn(x[tr], click[tr].astype(float))
+                    self.bundle.calibrator.update(b.scores["ctr_logit"][idx][tr], click[tr])
+                    self._eval["ctr"].append((b.scores["ctr"][idx][tr], b.scores["ctr_logit"][idx][tr],
+                                              click[tr]))
+                b.trained[idx] = True
+                self.bundle.n_treated += int(tr.sum())
+                self.bundle.n_control += int((~tr).sum())
+                self.live_summary.update(b.num[idx])
+                self.examples += len(idx)
+                self.since_snapshot += len(idx)
+                self.totals["trained"] += len(idx)
+                tmin, tmax = int(b.t[idx].min()), int(b.t[idx].max())
+                self.t_min = tmin if self.t_min is None else min(self.t_min, tmin)
+                self.t_max = tmax if self.t_max is None else max(self.t_max, tmax)
+            if conv_due.any():
+                self._train_conversion(b, np.flatnonzero(conv_due), clock)
+
+    def _labels_now(self, b: _Block, idx, clock):
+        """(interim label ỹ, observed label) of rows ``idx`` as of ``clock``."""
+        if self.labels == "oracle":
+            y = b.true_conv[idx].astype(float)
+            return y, y
+        seen = (b.conv_t[idx] >= 0) & (b.conv_t[idx] <= clock)
+        p, lam = self._delay_for(b.camp[idx])
+        elapsed_h = (clock - b.t[idx]) / HOUR_MS
+        soft = interim_label(p, lam, elapsed_h, window=self.window / HOUR_MS)
+        return np.where(seen, 1.0, soft), seen.astype(float)
+
+    def _train_conversion(self, b: _Block, idx, clock) -> None:
+        models, enc = self.bundle.models, self.bundle.encoder
+        x = self.bundle.design(b.num[idx], b.cat[idx])
+        y, observed = self._labels_now(b, idx, clock)
+        tr = b.treated[idx]
+        if tr.any():
+            models["conversion"].learn(x[tr], y[tr])
+            models["conversion_naive"].learn(x[tr], observed[tr])
+        phi, e = self._uplift_update(x, y, tr, b.prop[idx], sign=1.0)
+        b.y_interim[idx], b.phi_interim[idx], b.e_used[idx] = y, phi, e
+        b.conv_trained[idx] = True
+        self.totals["conversion_trained"] += len(idx)
+
+    def _uplift_update(self, x, y, tr, prop, sign, phi=None, e=None):
+        """One T-learner step (μ1 on treated rows, μ0 on control rows, IPW weights) and one DR
+        step; returns the pseudo-outcomes φ and the treatment share e used."""
+        models = self.bundle.models
+        w = self._weights(prop)
+        for name, m in (("mu1", tr), ("mu0", ~tr)):
+            if m.any():
+                wm = w[m] / w[m].mean()                # normalized IPW weights
+                models[name].learn(x[m], y[m], sign * wm)
+        if phi is None:
+            e = np.full(len(y), self.bundle.treatment_share)
+            mu1 = _sigmoid(x @ models["mu1"].weights() + models["mu1"].intercept)
+            mu0 = _sigmoid(x @ models["mu0"].weights() + models["mu0"].intercept)
+            t = tr.astype(float)
+            phi = mu1 - mu0 + t * (y - mu1) / e - (1 - t) * (y - mu0) / (1 - e)
+        models["tau_dr"].learn(x, phi, sign * np.ones(len(y)))
+        return phi, e
+
+    def _finalize(self, clock) -> None:
+        """Rows whose conversion window has closed: correct the delayed-feedback models from the
+        interim to the final label; score the first-sight predictions against it."""
+        if self.labels == "oracle":
+            for b in self.blocks:
+                b.done |= b.trained & b.conv_trained & (b.t + self.window <= clock)
+            return
+        models, enc = self.bundle.models, self.bundle.encoder
+        for b in self.blocks:
+            due = ~b.done & (b.t + self.window <= clock)
+            if not due.any():
+                continue
+            idx = np.flatnonzero(due & b.conv_trained)
+            if len(idx):
+                x = self.bundle.design(b.num[idx], b.cat[idx])
+                y = ((b.conv_t[idx] >= 0) & (b.conv_t[idx] - b.t[idx] <= self.window)).astype(float)
+                yi, tr = b.y_interim[idx], b.treated[idx]
+                if tr.any():
+                    models["conversion"].learn(x[tr], y[tr])
+                e = b.e_used[idx]
+                t = tr.astype(float)
+                phi_f = b.phi_interim[idx] + (y - yi) * (t / e - (1 - t) / (1 - e))
+                self._correct_uplift(x, y, yi, tr, b.prop[idx], phi_f, b.phi_interim[idx])
+                self._eval["conversion"].append((b.scores["conversion"][idx][tr],
+                                                 b.scores["conversion_naive"][idx][tr], y[tr]))
+                self._eval["uplift"].append((b.scores["uplift"][idx], b.scores["uplift_dr"][idx], y, tr))
+                self.corrections += len(idx)
+            b.done[due] = True
+            self.totals["finalized"] += int(due.sum())
+
+    def _correct_uplift(self, x, y, yi, tr, prop, phi_f, phi_i) -> None:
+        models = self.bundle.models
+        w = self._weights(prop)
+        for name, m in (("mu1", tr), ("mu0", ~tr)):
+            if m.any():
+                models[name].learn(x[m], y[m], w[m] / w[m].mean())
+        models["tau_dr"].learn(x, phi_f)
+
+    # ------------------------------------------------------------------ snapshots
+    @staticmethod
+    def _new_eval() -> dict:
+        return {"ctr": [], "conversion": [], "uplift": []}
+
+    def window_metrics(self) -> dict:
+        """Prequential metrics over the examples labelled since the last snapshot."""
+        m = {}
+        if self._eval["ctr"]:
+            p, s, y = (np.concatenate(a) for a in zip(*self._eval["ctr"]))
+            m["ctr"] = {"n": int(len(y)), "log_loss": log_loss(p, y), "auc": auc(p, y),
+                        "ece": ece(p, y), "ece_raw": ece(_sigmoid(s), y), "rate": float(y.mean()),
+                        "mean_prediction": float(p.mean())}
+        if self._eval["conversion"]:
+            p, pn, y = (np.concatenate(a) for a in zip(*self._eval["conversion"]))
+            m["conversion"] = {"n": int(len(y)), "log_loss": log_loss(p, y), "auc": auc(p, y),
+                               "ece": ece(p, y), "auc_naive": auc(pn, y), "rate": float(y.mean())}
+        if self._eval["uplift"]:
+            u, ud, y, tr = (np.concatenate(a) for a in zip(*self._eval["uplift"]))
+            m["uplift"] = {"n": int(len(y)), "qini": qini_coefficient(u, y, tr),
+                           "qini_dr": qini_coefficient(ud, y, tr)}
+        return m
+
+    def _snapshot(self, seq) -> Snapshot:
+        self.version += 1
+        metrics = self.window_metrics()
+        # reference: the window of the previous snapshot (the model being served while this
+        # window's traffic arrived); the first snapshot has none
+        d = 0.0 if self.ref_summary is None else drift(self.live_summary, self.ref_summary)
+        if self.live_summary.n:
+            self.ref_summary = self.live_summary
+        metrics["drift"] = {"distance": d, "threshold": self.drift_threshold,
+                            "examples": int(self.live_summary.n)}
+        snap = Snapshot(model_id=self.model_id, version=self.version, clock=int(self.clock or 0),
+                        seq=int(seq), feature_schema_version=self.bundle.encoder.version,
+                        window_start=self.t_min, window_end=self.t_max, examples=self.examples,
+                        corrections=self.corrections, metrics=_plain(metrics), drift=d,
+                        safe=bool(d <= self.drift_threshold),
+                        bundle=pickle.dumps(self.bundle, protocol=pickle.HIGHEST_PROTOCOL))
+        self.live_summary = FeatureSummary(self.bundle.encoder.n_numeric)
+        self._eval = self._new_eval()
+        self.since_snapshot = 0
+        return snap
+
+    # ------------------------------------------------------------------ state
+    def held_rows(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    def pending(self) -> dict:
+        """Rows scored but not (yet) trained, per stage."""
+        return {"untrained": int(sum((~b.trained).sum() for b in self.blocks)),
+                "conversion_untrained": int(sum((~b.conv_trained).sum() for b in self.blocks)),
+                "open": int(sum((~b.done).sum() for b in self.blocks))}
+
+    def snapshot(self) -> bytes:
+        """The whole learner state (models, held rows, counters), for Flink state."""
+        buf = io.BytesIO()
+        pickle.dump(self, buf, protocol=pickle.HIGHEST_PROTOCOL)
+        return buf.getvalue()
+
+    @staticmethod
+    def restore(blob: bytes) -> "OnlineLearner":
+        return pickle.loads(blob)
+
+    def state_digest(self) -> str:
+        """A hash of every model's weights and the calibrator: equal digests, equal models."""
+        h = hashlib.sha256()
+        for name in MODEL_NAMES:
+            m = self.bundle.models[name]
+            h.update(np.append(m.weights(), m.intercept).tobytes())
+        h.update(np.array([self.bundle.calibrator.a, self.bundle.calibrator.b]).tobytes())
+        return h.hexdigest()
+
+
+def _plain(x):
+    """JSON-safe copy (NaN -> None)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
