@@ -78,7 +78,7 @@ class FeatureEncoder:
     ...                    "campaign_id": ["c1"], "creative_id": ["k1"]})
     >>> num, cat = enc.encode(df)
     >>> num.shape, cat.shape, enc.dense(num, cat).shape == (1, enc.n_features)
-    ((1, 12), (1, 9), True)
+    ((1, 18), (1, 9), True)
     """
 
     FIELDS = ("placement", "device", "region", "hour", "campaign_id", "creative_id",
@@ -281,7 +281,7 @@ class OnlinePlatt:
     (0.7, 0.3)
     """
 
-    def __init__(self, window: int = 50_000, newton_steps: int = 4):
+    def __init__(self, window: int = 50_000, newton_steps: int = 6):
         self.window = int(window)
         self.newton_steps = newton_steps
         self.s = np.zeros(self.window)
@@ -298,17 +298,24 @@ class OnlinePlatt:
                                   (self.a, self.b), self.newton_steps)
 
     @staticmethod
-    def fit(s, y, init=(1.0, 0.0), steps: int = 25, ridge: float = 1e-6) -> tuple[float, float]:
-        """Newton-Raphson for logistic regression of y on (s, 1)."""
-        if len(s) == 0 or np.all(y == y[0]):
+    def fit(s, y, init=(1.0, 0.0), steps: int = 25, ridge: float = 1.0) -> tuple[float, float]:
+        """Newton-Raphson for logistic regression of y on (s, 1), with a weak Gaussian prior
+        (``ridge`` pseudo-precision) towards the identity map (a, b) = (1, 0) and steps capped at
+        2: while the model's scores barely vary (early on) the slope stays finite."""
+        s, y = np.asarray(s, float), np.asarray(y, float)
+        if len(s) == 0:
             return init
         X = np.column_stack([s, np.ones(len(s))])
         beta = np.array(init, float)
+        if not np.all(np.isfinite(beta)) or abs(beta[0]) > 50:
+            beta = np.array([1.0, 0.0])
+        prior = np.array([1.0, 0.0])
         for _ in range(steps):
             p = _sigmoid(X @ beta)
-            grad = X.T @ (p - y)
+            grad = X.T @ (p - y) + ridge * (beta - prior)
             H = (X * (p * (1 - p))[:, None]).T @ X + ridge * np.eye(2)
             step = np.linalg.solve(H, grad)
+            step *= min(1.0, 2.0 / max(np.abs(step).max(), 1e-300))
             beta -= step
             if np.abs(step).max() < 1e-8:
                 break
@@ -351,6 +358,17 @@ class ModelBundle:
     def design(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
         """The dense rows the models train on."""
         return self.encoder.dense(self.standardize(num), cat)
+
+    def digest(self) -> str:
+        """A hash of every model's weights and intercept, the calibrator and the scaler: equal
+        digests, equal models."""
+        h = hashlib.sha256()
+        for name in MODEL_NAMES:
+            m = self.models[name]
+            h.update(np.append(m.weights(), m.intercept).tobytes())
+        h.update(np.array([self.calibrator.a, self.calibrator.b, self.n_treated, self.n_control]).tobytes())
+        h.update(self.scaler.mean.tobytes() + self.scaler.m2.tobytes())
+        return h.hexdigest()
 
     def raw_scores(self, num, cat) -> dict:
         z = self.standardize(num)
@@ -479,6 +497,7 @@ class OnlineLearner:
         self.ref_summary = None
         self.live_summary = FeatureSummary(self.bundle.encoder.n_numeric)
         self._eval = self._new_eval()
+        self._cal = None                             # calibration window: numeric, buckets, clicks
         self.totals = {"decisions": 0, "outcomes": 0, "unmatched_outcomes": 0, "trained": 0,
                        "conversion_trained": 0, "finalized": 0}
 
@@ -640,7 +659,7 @@ class OnlineLearner:
                 click = (b.true_click if self.labels == "oracle" else b.clicked)[idx]
                 if tr.any():
                     models["ctr"].learn(x[tr], click[tr].astype(float))
-                    self.bundle.calibrator.update(b.scores["ctr_logit"][idx][tr], click[tr])
+                    self._calibrate(b.num[idx][tr], b.cat[idx][tr], click[tr])
                     self._eval["ctr"].append((b.scores["ctr"][idx][tr], b.scores["ctr_logit"][idx][tr],
                                               click[tr]))
                 b.trained[idx] = True
@@ -655,6 +674,24 @@ class OnlineLearner:
                 self.t_max = tmax if self.t_max is None else max(self.t_max, tmax)
             if conv_due.any():
                 self._train_conversion(b, np.flatnonzero(conv_due), clock)
+
+    def _calibrate(self, num, cat, y) -> None:
+        """Refit the CTR calibration on the most recent ``calibration_window`` CTR outcomes, scored
+        by the current model (scores from older models would mix in a model that no longer is)."""
+        cal, n_new = self.bundle.calibrator, len(y)
+        if self._cal is None:
+            self._cal = (np.zeros((cal.window, num.shape[1]), np.float32),
+                         np.zeros((cal.window, cat.shape[1]), np.int32), np.zeros(cal.window), [0])
+        bn, bc, by, count = self._cal
+        keep = slice(max(0, n_new - cal.window), n_new)
+        pos = (count[0] + np.arange(keep.stop - keep.start)) % cal.window
+        bn[pos], bc[pos], by[pos] = num[keep], cat[keep], y[keep]
+        count[0] += n_new
+        k = min(count[0], cal.window)
+        m = self.bundle.models["ctr"]
+        s = self.bundle.encoder.raw_score(m.weights(), self.bundle.standardize(bn[:k]), bc[:k]) + m.intercept
+        cal.a, cal.b = cal.fit(s, by[:k], (cal.a, cal.b), cal.newton_steps)
+        cal.n += n_new
 
     def _labels_now(self, b: _Block, idx, clock):
         """(interim label ỹ, observed label) of rows ``idx`` as of ``clock``."""
@@ -801,13 +838,7 @@ class OnlineLearner:
         return pickle.loads(blob)
 
     def state_digest(self) -> str:
-        """A hash of every model's weights and the calibrator: equal digests, equal models."""
-        h = hashlib.sha256()
-        for name in MODEL_NAMES:
-            m = self.bundle.models[name]
-            h.update(np.append(m.weights(), m.intercept).tobytes())
-        h.update(np.array([self.bundle.calibrator.a, self.bundle.calibrator.b]).tobytes())
-        return h.hexdigest()
+        return self.bundle.digest()
 
 
 def _plain(x):
