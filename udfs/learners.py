@@ -608,36 +608,39 @@ class OnlineLearner:
         return snaps
 
     def _refit(self) -> None:
-        """Per-campaign delay models on the held decisions (an evenly spaced sample of at most
-        ``fit_sample``), as of the clock."""
+        """Delay models per campaign and arm (the arms convert at different rates: that is the
+        uplift), each shrunk towards the global fit, on the held decisions (an evenly spaced
+        sample of at most ``fit_sample``), as of the clock."""
         if not self.blocks:
             return
-        camp = np.concatenate([b.camp for b in self.blocks])
+        group = np.concatenate([2 * b.camp + b.treated for b in self.blocks])
         t = np.concatenate([b.t for b in self.blocks])
         conv_t = np.concatenate([b.conv_t for b in self.blocks])
         keep = np.arange(len(t))
         if len(keep) > self.fit_sample:
             keep = np.linspace(0, len(t) - 1, self.fit_sample).astype(np.int64)
-        camp, t, conv_t = camp[keep], t[keep], conv_t[keep]
+        group, t, conv_t = group[keep], t[keep], conv_t[keep]
         elapsed_h = np.minimum((self.clock - t) / HOUR_MS, self.window / HOUR_MS)
         seen = (conv_t >= 0) & (conv_t <= self.clock)
         delay_h = np.where(seen, (conv_t - t) / HOUR_MS, 0.0)
-        models = CampaignDelayModels(self.prior_strength).fit(camp, seen, delay_h, elapsed_h)
-        n = len(self.campaigns)
+        models = CampaignDelayModels(self.prior_strength).fit(group, seen, delay_h, elapsed_h)
+        n = 2 * len(self.campaigns)
         p = np.full(n, models.global_.p_)
         lam = np.full(n, models.global_.lam_)
-        for c, (pc, lc, _) in models.params().items():
-            p[c], lam[c] = pc, lc
+        for g, (pg, lg, _) in models.params().items():
+            p[g], lam[g] = pg, lg
         self.delay_params = (p, lam)
 
-    def _delay_for(self, camp):
+    def _delay_for(self, camp, treated):
         p, lam = self.delay_params
-        if len(p) < len(self.campaigns):             # a campaign newer than the last fit: global
+        n = 2 * len(self.campaigns)
+        if len(p) < n:                               # a campaign newer than the last fit: global
             gp, gl = np.median(p), np.median(lam)
-            p = np.concatenate([p, np.full(len(self.campaigns) - len(p), gp)])
-            lam = np.concatenate([lam, np.full(len(self.campaigns) - len(lam), gl)])
+            p = np.concatenate([p, np.full(n - len(p), gp)])
+            lam = np.concatenate([lam, np.full(n - len(lam), gl)])
             self.delay_params = (p, lam)
-        return p[camp], lam[camp]
+        g = 2 * camp + treated
+        return p[g], lam[g]
 
     def _weights(self, prop: np.ndarray) -> np.ndarray:
         w = np.minimum(1.0 / np.maximum(prop, 1e-9), self.ipw_clip)
@@ -699,7 +702,7 @@ class OnlineLearner:
             y = b.true_conv[idx].astype(float)
             return y, y
         seen = (b.conv_t[idx] >= 0) & (b.conv_t[idx] <= clock)
-        p, lam = self._delay_for(b.camp[idx])
+        p, lam = self._delay_for(b.camp[idx], b.treated[idx])
         elapsed_h = (clock - b.t[idx]) / HOUR_MS
         soft = interim_label(p, lam, elapsed_h, window=self.window / HOUR_MS)
         return np.where(seen, 1.0, soft), seen.astype(float)
