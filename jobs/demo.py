@@ -23,6 +23,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--days", type=float, default=10.0, help="simulated days (the conversion window is 7)")
     p.add_argument("--campaigns", type=int, default=6)
+    p.add_argument("--slice-lines", type=int, default=5_000,
+                   help="lines per hand-off slice (~5 h of traffic): the learner scores and trains per slice")
     args = p.parse_args(argv)
 
     root = Path(args.data_dir).resolve()
@@ -36,7 +38,8 @@ def main(argv=None) -> None:
     from jobs.features import run
 
     t0 = time.time()
-    truth = simulate(sim_dir, events=args.events, seed=args.seed, days=args.days, campaigns=args.campaigns)
+    truth = simulate(sim_dir, events=args.events, seed=args.seed, days=args.days, campaigns=args.campaigns,
+                     slice_lines=args.slice_lines)
     print(f"simulated {truth['lines_total']:,} lines in {truth['slices']} slices "
           f"({time.time() - t0:.1f}s) -> {sim_dir}")
     summary = run(cfg, sim_dir)
@@ -82,6 +85,7 @@ def main(argv=None) -> None:
     print(f"\n{u}: impressions_1d = {v:.3f} as of its last event; decayed to the end of the stream "
           f"({(now - as_of) / 3.6e6:.1f} h later): {decay_to(v, as_of, now, parse_duration('1d')):.3f}")
     outcomes_report(cfg, sim_dir)
+    summary["learner"] = learner_report(cfg, sim_dir)
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -118,6 +122,52 @@ def outcomes_report(cfg, sim_dir) -> dict:
     with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
         print(compare(cfg).to_string(index=False))
     return {"summary": s, "open_cohorts": oc, "delay": acc["delay"].reset_index().to_dict("records")}
+
+
+def learner_report(cfg, sim_dir) -> dict:
+    """Run the learner job on the hand-off, score its first-sight predictions against the truth,
+    then serve: newest snapshot + features from Feast -> calibrated CTR, conversion, uplift."""
+    import pandas as pd
+
+    from jobs.evaluate import quality
+    from jobs.feast_store import open_store
+    from jobs.learner import run as run_learner
+    from jobs.serving import features_from_feast, load_latest_model
+
+    s = run_learner(cfg)
+    print("\n== learner job (local mini-cluster) -> model store + Iceberg learner_metrics_v1 ==")
+    print(f"snapshots        {s['snapshots']:>10,}   (every {cfg.learner['snapshot_every']} of event time or "
+          f"{cfg.learner['snapshot_examples']:,} decisions; {s['unsafe_snapshots']} flagged by the drift check)")
+    print(f"trained          {s['examples']:>10,}   decisions (interim labels), {s['corrections']:,} corrected to final")
+    print(f"wall time        {s['wall_seconds']:>10.1f} s  (learner itself {s['learner_seconds']:.1f} s: "
+          f"{s['examples'] / max(s['learner_seconds'], 1e-9):,.0f} examples/s)")
+    q = quality(cfg, sim_dir)
+    c, v, u, o = q["ctr"], q["conversion"], q["uplift"], q["oracle"]
+    print(f"\n-- prequential quality vs the simulator's truth ({q['decisions_scored']:,} decisions after a "
+          f"{q['warmup']} warm-up; every score was made before the decision's labels were used) --")
+    print(f"CTR          AUC {c['auc']:.4f} (oracle {o['ctr_auc']:.4f}, true p {c['auc_true_p']:.4f})  "
+          f"log loss {c['log_loss']:.4f} (oracle {o['ctr_log_loss']:.4f})  ECE {c['ece']:.4f}  "
+          f"mean {c['mean_prediction']:.4f} vs rate {c['rate']:.4f}")
+    print(f"conversion   AUC delayed-feedback {v['auc']:.4f} | naive labels {v['auc_naive']:.4f} | "
+          f"oracle {o['conversion_auc']:.4f} (true p {v['auc_true_p']:.4f}): {v['gap_closed']:.0%} of the "
+          f"naive-oracle gap closed")
+    print(f"             mean prediction {v['mean_prediction']:.4f} (naive {v['mean_prediction_naive']:.4f}) "
+          f"vs final rate {v['rate']:.4f}")
+    print(f"uplift       Qini T-learner {u['qini_t']:.5f} ({u['ratio_t']:.0%} of ranking by the true uplift "
+          f"{u['qini_true_uplift']:.5f}), DR {u['qini_dr']:.5f} ({u['ratio_dr']:.0%}); ranking by each "
+          f"creative's mean true uplift: {u['ratio_creative_mean_true_uplift']:.0%}")
+    model = load_latest_model(cfg=cfg)
+    store = open_store(cfg, apply=False)
+    dec = pd.read_parquet(sim_dir / "truth" / "decisions.parquet")
+    now = int(dec.event_time.max())
+    req = dec.tail(4)[["user_id", "campaign_id", "creative_id", "arm"]].assign(
+        placement="feed", device="ios", region="eu", hour=int((now // 3_600_000) % 24))
+    scores = model.score(features_from_feast(store, req, now, cfg.features["half_lives"]))
+    print("\n== serving: jobs.serving.load_latest_model() + features from Feast -> score ==")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        print(pd.concat([req[["user_id", "campaign_id", "creative_id"]].reset_index(drop=True), scores], axis=1)
+              .to_string(index=False))
+    return {"job": s, "quality": q, "served_version": model.version}
 
 
 if __name__ == "__main__":
