@@ -130,9 +130,8 @@ def learner_report(cfg, sim_dir) -> dict:
     import pandas as pd
 
     from jobs.evaluate import quality
-    from jobs.feast_store import open_store
     from jobs.learner import run as run_learner
-    from jobs.serving import features_from_feast, load_latest_model
+    from jobs.serving import score_requests
 
     s = run_learner(cfg)
     print("\n== learner job (local mini-cluster) -> model store + Iceberg learner_metrics_v1 ==")
@@ -156,13 +155,11 @@ def learner_report(cfg, sim_dir) -> dict:
     print(f"uplift       Qini T-learner {u['qini_t']:.5f} ({u['ratio_t']:.0%} of ranking by the true uplift "
           f"{u['qini_true_uplift']:.5f}), DR {u['qini_dr']:.5f} ({u['ratio_dr']:.0%}); ranking by each "
           f"creative's mean true uplift: {u['ratio_creative_mean_true_uplift']:.0%}")
-    model = load_latest_model(cfg=cfg)
-    store = open_store(cfg, apply=False)
     dec = pd.read_parquet(sim_dir / "truth" / "decisions.parquet")
     now = int(dec.event_time.max())
-    req = dec.tail(4)[["user_id", "campaign_id", "creative_id", "arm"]].assign(
+    req = dec.tail(4)[["user_id", "campaign_id", "creative_id"]].assign(
         placement="feed", device="ios", region="eu", hour=int((now // 3_600_000) % 24))
-    scores = model.score(features_from_feast(store, req, now, cfg.features["half_lives"]))
+    model, scores = score_requests(cfg, req, now)
     print("\n== serving: jobs.serving.load_latest_model() + features from Feast -> score ==")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
         print(pd.concat([req[["user_id", "campaign_id", "creative_id"]].reset_index(drop=True), scores], axis=1)

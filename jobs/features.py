@@ -38,11 +38,9 @@ if __package__ in (None, ""):  # run as a file by `flink run -py jobs/features.p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.config import Config, load_for_cli  # noqa: E402
+from jobs.flink_env import END_OF_INPUT_TIMER  # noqa: E402
 
 __all__ = ["build", "run", "read_validate"]
-
-END_OF_INPUT_TIMER = 2 ** 62   # fires only when the final watermark passes: bounded input ended
-
 
 def read_validate(manifest_line: str) -> bytes:
     from udfs.ingest import read_slice

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 from jobs.config import ROOT, Config
 
-__all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate"]
+__all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate",
+           "replayed_engine", "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER"]
+
+#: the event-time timer jobs flush on: it fires only when the final watermark passes (bounded input ended)
+END_OF_INPUT_TIMER = 2 ** 62
 
 
 def flink_settings(cfg: Config, checkpoint_dir: Path | None = None) -> dict:
@@ -82,3 +89,106 @@ def terminate(stats) -> None:
 
     stats.add_sink(SinkFunction("org.apache.flink.streaming.api.functions.sink.legacy.DiscardingSink")) \
         .name("discard").uid("discard")
+
+
+# ----------------------------------------------------------------------------- hand-off consumers
+def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, setup=None):
+    """A keyed function that runs one engine over hand-off lines, exactly once without
+    checkpoint hooks (the outcomes and learner jobs).
+
+    MapState ``state_name`` holds ``core`` (the engine's ``snapshot()`` at its last cut) and
+    ``log:<seq>`` (the lines taken since). After a restore the engine is rebuilt from ``core``
+    and the logged lines are taken again, which cuts the same results; ``publish`` must be
+    idempotent (it is handed those cuts again).
+
+    ``take(engine, line, timing) -> cuts``; ``publish(resources, cut, timing) -> str``;
+    ``setup() -> resources`` runs in ``open`` (tables, stores); ``new_engine()``,
+    ``restore_engine(blob)``. The engine has ``next_seq``, ``snapshot()`` and ``flush() -> cuts``.
+    """
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction
+    from pyflink.datastream.state import MapStateDescriptor
+
+    class ReplayedEngine(KeyedProcessFunction):
+        def open(self, ctx):
+            self.state = ctx.get_map_state(MapStateDescriptor(
+                state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+            self.resources = setup() if setup else None
+            self.engine = None
+
+        def _engine(self):
+            if self.engine is None:
+                entries = dict(self.state.items())
+                self.engine = restore_engine(entries["core"]) if "core" in entries else new_engine()
+                logged = sorted((int(k[4:]), v) for k, v in entries.items() if k.startswith("log:"))
+                for _, line in logged:            # lines after the snapshot: cut their results again
+                    self._publish_all(take(self.engine, line, {"replayed": True}), {"replayed": True})
+            return self.engine
+
+        def _publish_all(self, cuts, timing):
+            for i, cut in enumerate(cuts):         # the line's timing goes with its first cut only
+                self._out.append(publish(self.resources, cut, timing if i == 0 else {}))
+            if cuts:                                # snapshot, then drop the log it covers
+                self.state.put("core", self.engine.snapshot())
+                for k in [k for k in self.state.keys() if k.startswith("log:")]:
+                    if int(k[4:]) < self.engine.next_seq:
+                        self.state.remove(k)
+
+        def process_element(self, value, ctx):
+            self._out = []
+            engine = self._engine()
+            seq = json.loads(value)["seq"]
+            if seq >= engine.next_seq:
+                self.state.put(f"log:{seq}", value)
+            timing = {}
+            self._publish_all(take(engine, value, timing), timing)
+            ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
+            yield from self._out
+
+        def on_timer(self, timestamp, ctx):
+            self._out = []
+            self._publish_all(self._engine().flush(), {"end_of_input": True})
+            yield from self._out
+
+    return ReplayedEngine()
+
+
+def run_handoff_job(cfg: Config, name: str, function, summarize, input_dir: Path | None = None,
+                    follow: bool = False, overrides: dict | None = None) -> dict:
+    """Run ``function`` (one keyed instance) over ``<input_dir>/handoff`` (bounded unless
+    ``follow``) on the local mini-cluster, or on the cluster under ``flink run``; checkpoints in
+    ``<data>/checkpoints-<name>``; returns ``summarize(cfg)`` with the wall time."""
+    from pyflink.common import Types
+
+    from jobs.iceberg_store import open_tables
+
+    input_dir = Path(input_dir or cfg.data_dir)
+    open_tables(cfg)
+    t0 = time.time()
+    env = job_env(cfg, checkpoint_dir=cfg.data_dir / f"checkpoints-{name}", overrides=overrides)
+    lines = line_source(env, input_dir / "handoff", follow, "handoff")
+    stats = (lines.key_by(lambda _: 0, key_type=Types.INT())
+             .process(function, output_type=Types.STRING())
+             .name(name).uid(name).set_parallelism(1))
+    terminate(stats)
+    env.execute(f"streamlift-{name}")
+    summary = summarize(cfg)
+    summary["wall_seconds"] = round(time.time() - t0, 2)
+    return summary
+
+
+def handoff_cli(name: str, run, argv=None) -> None:
+    """The command line of a hand-off consumer: ``--input``, ``--data-dir``, ``--follow``,
+    ``--from-checkpoint``; prints ``run(cfg, input_dir, follow, overrides)``."""
+    from jobs.config import load_for_cli
+
+    p = argparse.ArgumentParser(description=f"streamlift {name} job")
+    p.add_argument("--input", help="the features job's data dir (with handoff/); default paths.data_dir")
+    p.add_argument("--data-dir", help="override paths.data_dir")
+    p.add_argument("--follow", action="store_true", help="keep taking slices as they are handed off")
+    p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
+    args = p.parse_args(argv)
+    cfg = load_for_cli(args.data_dir)
+    input_dir = Path(args.input) if args.input else cfg.data_dir
+    overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
+    print(json.dumps(run(cfg, input_dir, args.follow, overrides=overrides), indent=2))

@@ -28,20 +28,20 @@ table already has the snapshot's epoch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file by `flink run -py jobs/learner.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.config import Config, load_for_cli  # noqa: E402
+from jobs.config import Config  # noqa: E402
 
-__all__ = ["build", "run", "summarize", "metrics_row", "publish"]
+__all__ = ["run", "summarize", "metrics_row", "publish_snapshot"]
 
-END_OF_INPUT_TIMER = 2 ** 62
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def stats_dir(cfg: Config) -> Path:
@@ -58,7 +58,7 @@ def metrics_row(snap, uri: str):
     ctr, conv, up = m.get("ctr", {}), m.get("conversion", {}), m.get("uplift", {})
 
     def ts(ms):
-        return None if ms is None else pa.scalar(int(ms) * 1000, pa.timestamp("us", "UTC")).as_py()
+        return None if ms is None else EPOCH + timedelta(milliseconds=int(ms))
 
     row = {"snapshot_key": f"{snap.model_id}|{snap.version}", "model_id": snap.model_id,
            "version": snap.version, "clock": ts(snap.clock),
@@ -75,7 +75,7 @@ def metrics_row(snap, uri: str):
     return pa.Table.from_pylist([row], schema=schema)
 
 
-def publish(cfg: Config, table, snap, timing: dict | None = None) -> dict:
+def publish_snapshot(cfg: Config, table, snap, timing: dict | None = None) -> dict:
     """Write a snapshot to the model store and its metrics row to Iceberg (skipped if present)."""
     from jobs.iceberg_store import commit_append
     from jobs.serving import write_snapshot
@@ -101,88 +101,35 @@ def write_scores(cfg: Config, seq: int, scores) -> None:
 
 
 def _learner_function(cfg: Config):
-    from pyflink.common import Types
-    from pyflink.datastream import KeyedProcessFunction
-    from pyflink.datastream.state import MapStateDescriptor
-
+    """One OnlineLearner, replayed from its last snapshot after a restore (jobs.flink_env)."""
+    from jobs.flink_env import replayed_engine
     from udfs.learners import OnlineLearner
 
     params = cfg.learner_params()
 
-    class LearnerFunction(KeyedProcessFunction):
-        """One OnlineLearner; MapState holds ``core`` (its state at the last snapshot) and
-        ``log:<seq>`` (the hand-off lines taken since)."""
+    def setup():
+        from jobs.iceberg_store import open_tables
+        return open_tables(cfg)["learner_metrics"]
 
-        def open(self, ctx):
-            from jobs.iceberg_store import open_tables
+    def take(learner, line, timing):
+        from udfs.ingest import read_handoff
 
-            self.state = ctx.get_map_state(MapStateDescriptor(
-                "learner", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            self.table = open_tables(cfg)["learner_metrics"]
-            self.learner = None
+        s = read_handoff(line)
+        t0 = time.perf_counter()
+        results = learner.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
+        timing["learner_s"] = round(time.perf_counter() - t0, 3)
+        timing["decisions"] = 0 if s.decisions is None else s.decisions.num_rows
+        snaps = []
+        for seq, scores, cut in results:
+            write_scores(cfg, seq, scores)
+            snaps += cut
+        return snaps
 
-        def _offer(self, line: str, timing: dict):
-            from udfs.ingest import read_handoff
+    def publish(table, snap, timing):
+        return json.dumps(publish_snapshot(cfg, table, snap, timing))
 
-            s = read_handoff(line)
-            t0 = time.perf_counter()
-            results = self.learner.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
-            timing["learner_s"] = round(time.perf_counter() - t0, 3)
-            timing["decisions"] = 0 if s.decisions is None else s.decisions.num_rows
-            snaps = []
-            for seq, scores, cut in results:
-                write_scores(cfg, seq, scores)
-                snaps += cut
-            return snaps
-
-        def _learner(self):
-            if self.learner is None:
-                entries = dict(self.state.items())
-                self.learner = OnlineLearner.restore(entries["core"]) if "core" in entries \
-                    else OnlineLearner(**params)
-                logged = sorted((int(k[4:]), v) for k, v in entries.items() if k.startswith("log:"))
-                for _, line in logged:            # slices after the snapshot: train on them again
-                    self._publish_all(self._offer(line, {"replayed": True}), {"replayed": True})
-            return self.learner
-
-        def _publish_all(self, snaps, timing):
-            for i, snap in enumerate(snaps):
-                self._out.append(json.dumps(publish(cfg, self.table, snap, timing if i == 0 else {})))
-            if snaps:                             # checkpointable state, then drop the log it covers
-                self.state.put("core", self.learner.snapshot())
-                for k in [k for k in self.state.keys() if k.startswith("log:")]:
-                    if int(k[4:]) < self.learner.next_seq:
-                        self.state.remove(k)
-
-        def process_element(self, value, ctx):
-            self._out = []
-            lrn = self._learner()
-            seq = json.loads(value)["seq"]
-            if seq >= lrn.next_seq:
-                self.state.put(f"log:{seq}", value)
-            timing = {}
-            self._publish_all(self._offer(value, timing), timing)
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            yield from self._out
-
-        def on_timer(self, timestamp, ctx):
-            self._out = []
-            self._publish_all(self._learner().flush(), {"end_of_input": True})
-            yield from self._out
-
-    return LearnerFunction()
-
-
-def build(env, cfg: Config, input_dir: Path, follow: bool = False):
-    """Wire the job into ``env``; returns the stream of per-snapshot stats (JSON strings)."""
-    from pyflink.common import Types
-
-    from jobs.flink_env import line_source
-
-    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
-    return (lines.key_by(lambda _: 0, key_type=Types.INT())
-            .process(_learner_function(cfg), output_type=Types.STRING())
-            .name("learner").uid("learner").set_parallelism(1))
+    return replayed_engine("learner", lambda: OnlineLearner(**params), OnlineLearner.restore,
+                           take, publish, setup)
 
 
 def summarize(cfg: Config) -> dict:
@@ -200,31 +147,15 @@ def summarize(cfg: Config) -> dict:
 def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
         overrides: dict | None = None) -> dict:
     """Run the job (local mini-cluster, or the cluster under ``flink run``); returns a summary."""
-    from jobs.flink_env import job_env, terminate
-    from jobs.iceberg_store import open_tables
+    from jobs.flink_env import run_handoff_job
 
-    input_dir = Path(input_dir or cfg.data_dir)
-    open_tables(cfg)
-    t0 = time.time()
-    env = job_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-learner", overrides=overrides)
-    terminate(build(env, cfg, input_dir, follow))
-    env.execute("streamlift-learner")
-    summary = summarize(cfg)
-    summary["wall_seconds"] = round(time.time() - t0, 2)
-    return summary
+    return run_handoff_job(cfg, "learner", _learner_function(cfg), summarize, input_dir, follow, overrides)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="streamlift learner job")
-    p.add_argument("--input", help="the features job's data dir (with handoff/); default paths.data_dir")
-    p.add_argument("--data-dir", help="override paths.data_dir")
-    p.add_argument("--follow", action="store_true", help="keep taking slices as they are handed off")
-    p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
-    args = p.parse_args(argv)
-    cfg = load_for_cli(args.data_dir)
-    input_dir = Path(args.input) if args.input else cfg.data_dir
-    overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
-    print(json.dumps(run(cfg, input_dir, args.follow, overrides=overrides), indent=2))
+    from jobs.flink_env import handoff_cli
+
+    handoff_cli("learner", run, argv)
 
 
 if __name__ == "__main__":

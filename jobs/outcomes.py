@@ -27,7 +27,6 @@ processed again, which cuts the same epochs with the same contents.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,11 +35,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file by `flink run -py jobs/outcomes.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.config import Config, load_for_cli  # noqa: E402
+from jobs.config import Config  # noqa: E402
 
-__all__ = ["build", "run", "commit", "summarize"]
-
-END_OF_INPUT_TIMER = 2 ** 62
+__all__ = ["run", "commit", "summarize"]
 
 
 def stats_dir(cfg: Config) -> Path:
@@ -63,84 +60,30 @@ def commit(cfg: Config, tables: dict, epoch, timing: dict | None = None) -> dict
 
 
 def _engine_function(cfg: Config):
-    from pyflink.common import Types
-    from pyflink.datastream import KeyedProcessFunction
-    from pyflink.datastream.state import MapStateDescriptor
-
+    """One OutcomeEngine, replayed from its last epoch after a restore (jobs.flink_env)."""
+    from jobs.flink_env import replayed_engine
     from udfs.outcomes import OutcomeEngine
 
     params = cfg.outcome_params()
 
-    class OutcomesFunction(KeyedProcessFunction):
-        """One OutcomeEngine; MapState holds ``core`` (its snapshot at the last epoch) and
-        ``log:<seq>`` (the hand-off lines taken since)."""
+    def setup():
+        from jobs.iceberg_store import open_tables
+        return open_tables(cfg)
 
-        def open(self, ctx):
-            from jobs.iceberg_store import open_tables
+    def take(engine, line, timing):
+        from udfs.ingest import read_handoff
 
-            self.state = ctx.get_map_state(MapStateDescriptor(
-                "outcomes", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            self.tables = open_tables(cfg)
-            self.engine = None
+        s = read_handoff(line)
+        t0 = time.perf_counter()
+        epochs = engine.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final, s.quarantined)
+        timing["engine_s"] = round(time.perf_counter() - t0, 3)
+        return epochs
 
-        def _offer(self, line: str, timing: dict):
-            from udfs.ingest import read_handoff
+    def publish(tables, epoch, timing):
+        return json.dumps(commit(cfg, tables, epoch, timing))
 
-            s = read_handoff(line)
-            t0 = time.perf_counter()
-            epochs = self.engine.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final, s.quarantined)
-            timing["engine_s"] = round(time.perf_counter() - t0, 3)
-            return epochs
-
-        def _engine(self):
-            if self.engine is None:
-                entries = dict(self.state.items())
-                self.engine = OutcomeEngine.restore(entries["core"]) if "core" in entries \
-                    else OutcomeEngine(**params)
-                logged = sorted((int(k[4:]), v) for k, v in entries.items() if k.startswith("log:"))
-                for _, line in logged:           # slices after the snapshot: cut their epochs again
-                    self._commit_all(self._offer(line, {"replayed": True}), {"replayed": True})
-            return self.engine
-
-        def _commit_all(self, epochs, timing):
-            for i, e in enumerate(epochs):     # the offer's timing goes with its first epoch only
-                stats = commit(cfg, self.tables, e, timing if i == 0 else {"same_offer_as": epochs[0].epoch})
-                self._out.append(json.dumps(stats))
-            if epochs:                            # snapshot, then drop the log it covers
-                self.state.put("core", self.engine.snapshot())
-                for k in [k for k in self.state.keys() if k.startswith("log:")]:
-                    if int(k[4:]) < self.engine.next_seq:
-                        self.state.remove(k)
-
-        def process_element(self, value, ctx):
-            self._out = []
-            eng = self._engine()
-            seq = json.loads(value)["seq"]
-            if seq >= eng.next_seq:
-                self.state.put(f"log:{seq}", value)
-            timing = {}
-            self._commit_all(self._offer(value, timing), timing)
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            yield from self._out
-
-        def on_timer(self, timestamp, ctx):
-            self._out = []
-            self._commit_all(self._engine().flush(), {"end_of_input": True})
-            yield from self._out
-
-    return OutcomesFunction()
-
-
-def build(env, cfg: Config, input_dir: Path, follow: bool = False):
-    """Wire the job into ``env``; returns the stream of per-epoch stats (JSON strings)."""
-    from pyflink.common import Types
-
-    from jobs.flink_env import line_source
-
-    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
-    return (lines.key_by(lambda _: 0, key_type=Types.INT())
-            .process(_engine_function(cfg), output_type=Types.STRING())
-            .name("outcomes-engine").uid("outcomes-engine").set_parallelism(1))
+    return replayed_engine("outcomes", lambda: OutcomeEngine(**params), OutcomeEngine.restore,
+                           take, publish, setup)
 
 
 def summarize(cfg: Config) -> dict:
@@ -160,31 +103,15 @@ def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
         overrides: dict | None = None) -> dict:
     """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
     ``follow``; returns a summary."""
-    from jobs.flink_env import job_env, terminate
-    from jobs.iceberg_store import open_tables
+    from jobs.flink_env import run_handoff_job
 
-    input_dir = Path(input_dir or cfg.data_dir)
-    open_tables(cfg)
-    t0 = time.time()
-    env = job_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-outcomes", overrides=overrides)
-    terminate(build(env, cfg, input_dir, follow))
-    env.execute("streamlift-outcomes")
-    summary = summarize(cfg)
-    summary["wall_seconds"] = round(time.time() - t0, 2)
-    return summary
+    return run_handoff_job(cfg, "outcomes", _engine_function(cfg), summarize, input_dir, follow, overrides)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="streamlift outcomes job")
-    p.add_argument("--input", help="the features job's data dir (with handoff/); default paths.data_dir")
-    p.add_argument("--data-dir", help="override paths.data_dir")
-    p.add_argument("--follow", action="store_true", help="keep taking slices as they are handed off")
-    p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
-    args = p.parse_args(argv)
-    cfg = load_for_cli(args.data_dir)
-    input_dir = Path(args.input) if args.input else cfg.data_dir
-    overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
-    print(json.dumps(run(cfg, input_dir, args.follow, overrides=overrides), indent=2))
+    from jobs.flink_env import handoff_cli
+
+    handoff_cli("outcomes", run, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ A serving process::
     feats = features_from_feast(store, requests, now_ms)   # Feast online features, decayed to now
     scores = model.score(feats)                       # ctr, conversion, uplift, uplift_dr, model_version
 
+(``score_requests(cfg, requests, now_ms)`` does the three.)
+
 ``python -m jobs.serving --data-dir data/demo/run`` does that for a few users.
 """
 
@@ -35,7 +37,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 __all__ = ["write_snapshot", "list_versions", "load_model", "load_latest_model", "ServingModel",
-           "features_from_feast"]
+           "features_from_feast", "score_requests"]
 
 
 def _join(*parts) -> str:
@@ -147,25 +149,28 @@ def features_from_feast(store, requests: pd.DataFrame, now_ms: int, half_lives=N
     return out
 
 
+def score_requests(cfg, requests: pd.DataFrame, now_ms: int) -> tuple[ServingModel, pd.DataFrame]:
+    """What a serving process does per request batch: the newest safe model, the requests'
+    features from Feast as of ``now_ms``, the scores (one row per request)."""
+    from jobs.feast_store import open_store
+
+    model = load_latest_model(cfg=cfg)
+    feats = features_from_feast(open_store(cfg, apply=False), requests, now_ms, cfg.features["half_lives"])
+    return model, model.score(feats)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="score a few decisions with the newest model and Feast features")
     p.add_argument("--data-dir", help="override paths.data_dir (the features/learner run)")
-    p.add_argument("--sim", help="simulator output to take request contexts from (default <data-dir>/../sim)")
     p.add_argument("-n", type=int, default=5)
     args = p.parse_args(argv)
     from jobs.config import load_for_cli
-    from jobs.feast_store import open_store
 
     cfg = load_for_cli(args.data_dir)
-    model = load_latest_model(cfg=cfg)
-    sim = Path(args.sim) if args.sim else cfg.data_dir.parent / "sim"
-    truth = pd.read_parquet(sim / "truth" / "decisions.parquet")
-    dec = pd.concat([pd.read_parquet(f) for f in sorted((cfg.data_dir / "enriched").glob("*.parquet"))[-1:]])
-    req = dec.tail(args.n)[["decision_id", "user_id", "campaign_id", "creative_id", "placement", "device",
-                            "region", "hour", "arm"]]
-    now = int(truth["event_time"].max())
-    feats = features_from_feast(open_store(cfg, apply=False), req, now, cfg.features["half_lives"])
-    scores = model.score(feats)
+    last = sorted((cfg.data_dir / "enriched").glob("*.parquet"))[-1]      # the newest decisions' contexts
+    dec = pd.read_parquet(last).tail(args.n)
+    req = dec[["user_id", "campaign_id", "creative_id", "placement", "device", "region", "hour"]]
+    model, scores = score_requests(cfg, req, int(dec.event_time.max()))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(pd.concat([req[["user_id", "campaign_id", "creative_id"]].reset_index(drop=True), scores], axis=1))
 

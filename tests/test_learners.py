@@ -126,19 +126,6 @@ def test_online_linear_regression_reaches_least_squares():
     assert m.intercept == pytest.approx(ref.intercept_, abs=0.05)
 
 
-def test_correction_pairs_give_the_net_gradient_of_the_label_change():
-    """learn_correction(x, y, ỹ) moves the weights by lr·(ỹ − y)·x-ish steps: with ỹ == y nothing moves."""
-    x, p, y, _ = _logistic_data(5_000, 5, 8)
-    m = OnlineGLM("logistic", 5, 0.05, 0.0, 256, 0.2)
-    m.learn(x, y.astype(float))
-    w0, b0 = m.weights(), m.intercept
-    m.learn_correction(x, y.astype(float), y.astype(float))
-    np.testing.assert_allclose(m.weights(), w0, atol=1e-12)
-    assert m.intercept == pytest.approx(b0, abs=1e-12)
-    m.learn_correction(x[:256], np.ones(256), np.zeros(256))      # every label up: every score up
-    assert (x[:256] @ m.weights() + m.intercept > x[:256] @ w0 + b0).mean() > 0.9
-
-
 # ----------------------------------------------------------------------------- the learner
 def synthetic_stream(n=60_000, days=6, seed=9, delay_mean_h=24.0):
     """Decisions with known click and conversion probabilities, heterogeneous uplift by creative,

@@ -3,7 +3,7 @@ Platt calibration, delayed-feedback conversion labels, a T-learner and a
 doubly-robust learner for uplift. Plain Python, numpy and river; no Flink.
 
 The models (all :class:`river.linear_model` GLMs, updated with ``learn_many`` on
-fixed-size mini-batches, Adam steps):
+fixed-size mini-batches, AdaGrad steps):
 
 - ``ctr``: P(click | shown), treatment-arm decisions (the control arm is never
   shown), label final after ``click_window``; raw score s, served as
@@ -11,10 +11,11 @@ fixed-size mini-batches, Adam steps):
 - ``conversion``: P(conversion within W | shown) under delayed feedback. It is
   trained once per decision when the decision is ``label_wait`` old, on the
   *interim* label (1 if converted, else ``P(convert within W | none after e)``
-  from the campaign's delay model, :func:`udfs.delay.interim_label`), and
-  corrected when the window closes: one step on the final label and one on the
-  interim label with weight −1, so the net gradient is ``(ỹ − y)·x`` and each
-  decision ends up counted once, with its final label;
+  from the delay model of its campaign and arm, :func:`udfs.delay.interim_label`),
+  and trained again on its final label when the window closes (so the model's
+  fixed point is the final rate once the interim labels are calibrated; an
+  exact retraction, a step with weight −1 on the interim label, measured worse:
+  nothing pulls back the noise of such steps);
 - ``conversion_naive``: the baseline that delayed-feedback methods are judged
   against: trained at the same moment on the label observed then (not yet
   converted = negative), never corrected;
@@ -24,8 +25,8 @@ fixed-size mini-batches, Adam steps):
 - uplift, doubly robust: pseudo-outcome
   ``φ = μ1 − μ0 + T·(y − μ1)/e − (1 − T)·(y − μ0)/(1 − e)`` (e = share of the
   treatment arm, counted online), i.e. ``v_a = μ(x, a) + w·(y − μ(x, a))`` with
-  ``w = 1/P(a)``, regressed on x by a linear model ``tau_dr`` (corrected like
-  ``conversion`` when y becomes final: φ is linear in y).
+  ``w = 1/P(a)``, regressed on x by a linear model ``tau_dr`` (trained again
+  like ``conversion`` when y becomes final, with the same μ and e: φ is linear in y).
 
 :class:`OnlineLearner` is the training loop that ``jobs/learner.py`` runs in a
 Flink operator, one hand-off slice at a time (test-then-train: every decision
@@ -51,7 +52,7 @@ from udfs.delay import CampaignDelayModels, interim_label
 from udfs.features import KEY_TYPES, feature_names, parse_duration
 from udfs.metrics import FeatureSummary, auc, drift, ece, log_loss, qini_coefficient
 
-__all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "BatchLogisticRegression", "BatchLinearRegression",
+__all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "Ring", "BatchLogisticRegression", "BatchLinearRegression",
            "OnlineGLM", "OnlinePlatt", "ModelBundle", "OnlineLearner", "Snapshot", "MODEL_NAMES"]
 
 HOUR_MS = parse_duration("1h")
@@ -251,23 +252,27 @@ class OnlineGLM:
         self.n_seen += len(x)
 
 
-    def learn_correction(self, x: np.ndarray, y_final: np.ndarray, y_interim: np.ndarray,
-                         w: np.ndarray | None = None) -> None:
-        """Replace what was learned from ``y_interim`` by ``y_final``: each row goes in twice,
-        (y_final, +w) and (y_interim, −w), side by side in the same mini-batch, so the step's
-        gradient is w·(y_interim − y_final)·x (no σ left in it: nothing is "unlearned" on its own)."""
-        n = len(x)
-        w = np.ones(n) if w is None else np.asarray(w, float)
-        xx = np.empty((2 * n, x.shape[1]))
-        xx[0::2], xx[1::2] = x, x
-        yy = np.empty(2 * n)
-        yy[0::2], yy[1::2] = y_final, y_interim
-        ww = np.empty(2 * n)
-        ww[0::2], ww[1::2] = w, -w
-        b = self.batch_size - self.batch_size % 2          # pairs never straddle two steps
-        for i in range(0, 2 * n, b):
-            self.model.learn_many(pd.DataFrame(xx[i:i + b], columns=self.columns, copy=False),
-                                  pd.Series(yy[i:i + b]), ww[i:i + b])
+class Ring:
+    """The last ``size`` rows of a few arrays, allocated on the first push (row order within
+    the buffer is not kept: its users are order-free fits)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.arrays = None
+        self.n = 0                                  # rows pushed in all
+
+    def push(self, *arrays) -> None:
+        k = min(len(arrays[0]), self.size)
+        if self.arrays is None:
+            self.arrays = [np.zeros((self.size,) + a.shape[1:], a.dtype) for a in arrays]
+        pos = (self.n + np.arange(k)) % self.size
+        for buf, a in zip(self.arrays, arrays):
+            buf[pos] = a[len(a) - k:]
+        self.n += len(arrays[0])
+
+    def view(self) -> list:
+        k = min(self.n, self.size)
+        return [] if self.arrays is None else [b[:k] for b in self.arrays]
 
 
 class OnlinePlatt:
@@ -284,18 +289,16 @@ class OnlinePlatt:
     def __init__(self, window: int = 50_000, newton_steps: int = 6):
         self.window = int(window)
         self.newton_steps = newton_steps
-        self.s = np.zeros(self.window)
-        self.y = np.zeros(self.window)
-        self.n = 0          # pairs seen (the buffer holds the last min(n, window))
+        self.recent = Ring(self.window)     # (score, outcome) pairs given to update()
         self.a, self.b = 1.0, 0.0
 
     def update(self, s: np.ndarray, y: np.ndarray) -> None:
-        s, y = np.asarray(s, float)[-self.window:], np.asarray(y, float)[-self.window:]
-        idx = (self.n + np.arange(len(s))) % self.window
-        self.s[idx], self.y[idx] = s, y
-        self.n += len(s)
-        self.a, self.b = self.fit(self.s[:min(self.n, self.window)], self.y[:min(self.n, self.window)],
-                                  (self.a, self.b), self.newton_steps)
+        self.recent.push(np.asarray(s, float), np.asarray(y, float))
+        self.refit(*self.recent.view())
+
+    def refit(self, s: np.ndarray, y: np.ndarray) -> None:
+        """(a, b) = the fit on these pairs, warm-started from the current ones."""
+        self.a, self.b = self.fit(s, y, (self.a, self.b), self.newton_steps)
 
     @staticmethod
     def fit(s, y, init=(1.0, 0.0), steps: int = 25, ridge: float = 1.0) -> tuple[float, float]:
@@ -370,10 +373,15 @@ class ModelBundle:
         h.update(self.scaler.mean.tobytes() + self.scaler.m2.tobytes())
         return h.hexdigest()
 
+    def raw_score(self, name: str, num, cat, z=None) -> np.ndarray:
+        """Model ``name``'s logit (or value, for ``tau_dr``) of encoded rows."""
+        m = self.models[name]
+        z = self.standardize(num) if z is None else z
+        return self.encoder.raw_score(m.weights(), z, cat) + m.intercept
+
     def raw_scores(self, num, cat) -> dict:
         z = self.standardize(num)
-        return {name: self.encoder.raw_score(m.weights(), z, cat) + m.intercept
-                for name, m in self.models.items()}
+        return {name: self.raw_score(name, num, cat, z) for name in self.models}
 
     def predict(self, num, cat) -> pd.DataFrame:
         raw = self.raw_scores(num, cat)
@@ -412,8 +420,7 @@ class Snapshot:
     bundle: bytes = field(repr=False, default=b"")
 
     def manifest(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "bundle"}
-        return d
+        return {k: v for k, v in self.__dict__.items() if k != "bundle"}
 
 
 class _Block:
@@ -497,7 +504,7 @@ class OnlineLearner:
         self.ref_summary = None
         self.live_summary = FeatureSummary(self.bundle.encoder.n_numeric)
         self._eval = self._new_eval()
-        self._cal = None                             # calibration window: numeric, buckets, clicks
+        self._cal = Ring(calibration_window)         # calibration window: numeric, buckets, clicks
         self.totals = {"decisions": 0, "outcomes": 0, "unmatched_outcomes": 0, "trained": 0,
                        "conversion_trained": 0, "finalized": 0}
 
@@ -643,11 +650,10 @@ class OnlineLearner:
         return p[g], lam[g]
 
     def _weights(self, prop: np.ndarray) -> np.ndarray:
-        w = np.minimum(1.0 / np.maximum(prop, 1e-9), self.ipw_clip)
-        return w
+        return np.minimum(1.0 / np.maximum(prop, 1e-9), self.ipw_clip)
 
     def _train_first_sight(self, clock) -> None:
-        models, enc = self.bundle.models, self.bundle.encoder
+        models = self.bundle.models
         for b in self.blocks:
             due = ~b.trained & (b.t + self.wait <= clock)
             conv_due = ~b.conv_trained & (b.t + self.wait <= clock) & \
@@ -681,20 +687,9 @@ class OnlineLearner:
     def _calibrate(self, num, cat, y) -> None:
         """Refit the CTR calibration on the most recent ``calibration_window`` CTR outcomes, scored
         by the current model (scores from older models would mix in a model that no longer is)."""
-        cal, n_new = self.bundle.calibrator, len(y)
-        if self._cal is None:
-            self._cal = (np.zeros((cal.window, num.shape[1]), np.float32),
-                         np.zeros((cal.window, cat.shape[1]), np.int32), np.zeros(cal.window), [0])
-        bn, bc, by, count = self._cal
-        keep = slice(max(0, n_new - cal.window), n_new)
-        pos = (count[0] + np.arange(keep.stop - keep.start)) % cal.window
-        bn[pos], bc[pos], by[pos] = num[keep], cat[keep], y[keep]
-        count[0] += n_new
-        k = min(count[0], cal.window)
-        m = self.bundle.models["ctr"]
-        s = self.bundle.encoder.raw_score(m.weights(), self.bundle.standardize(bn[:k]), bc[:k]) + m.intercept
-        cal.a, cal.b = cal.fit(s, by[:k], (cal.a, cal.b), cal.newton_steps)
-        cal.n += n_new
+        self._cal.push(num, cat, y)
+        bn, bc, by = self._cal.view()
+        self.bundle.calibrator.refit(self.bundle.raw_score("ctr", bn, bc), by)
 
     def _labels_now(self, b: _Block, idx, clock):
         """(interim label ỹ, observed label) of rows ``idx`` as of ``clock``."""
@@ -708,34 +703,36 @@ class OnlineLearner:
         return np.where(seen, 1.0, soft), seen.astype(float)
 
     def _train_conversion(self, b: _Block, idx, clock) -> None:
-        models, enc = self.bundle.models, self.bundle.encoder
+        models = self.bundle.models
         x = self.bundle.design(b.num[idx], b.cat[idx])
         y, observed = self._labels_now(b, idx, clock)
         tr = b.treated[idx]
         if tr.any():
             models["conversion"].learn(x[tr], y[tr])
             models["conversion_naive"].learn(x[tr], observed[tr])
-        phi, e = self._uplift_update(x, y, tr, b.prop[idx], sign=1.0)
+        phi, e = self._uplift_update(x, y, tr, b.prop[idx])
         b.y_interim[idx], b.phi_interim[idx], b.e_used[idx] = y, phi, e
         b.conv_trained[idx] = True
         self.totals["conversion_trained"] += len(idx)
 
-    def _uplift_update(self, x, y, tr, prop, sign, phi=None, e=None):
+    def _uplift_update(self, x, y, tr, prop, phi=None):
         """One T-learner step (μ1 on treated rows, μ0 on control rows, IPW weights) and one DR
-        step; returns the pseudo-outcomes φ and the treatment share e used."""
+        step on the pseudo-outcomes ``phi`` (computed here from the current μ unless given);
+        returns φ and the treatment share e used."""
         models = self.bundle.models
         w = self._weights(prop)
         for name, m in (("mu1", tr), ("mu0", ~tr)):
             if m.any():
                 wm = w[m] / w[m].mean()                # normalized IPW weights
-                models[name].learn(x[m], y[m], sign * wm)
+                models[name].learn(x[m], y[m], wm)
+        e = None
         if phi is None:
             e = np.full(len(y), self.bundle.treatment_share)
             mu1 = _sigmoid(x @ models["mu1"].weights() + models["mu1"].intercept)
             mu0 = _sigmoid(x @ models["mu0"].weights() + models["mu0"].intercept)
             t = tr.astype(float)
             phi = mu1 - mu0 + t * (y - mu1) / e - (1 - t) * (y - mu0) / (1 - e)
-        models["tau_dr"].learn(x, phi, sign * np.ones(len(y)))
+        models["tau_dr"].learn(x, phi)
         return phi, e
 
     def _finalize(self, clock) -> None:
@@ -745,7 +742,7 @@ class OnlineLearner:
             for b in self.blocks:
                 b.done |= b.trained & b.conv_trained & (b.t + self.window <= clock)
             return
-        models, enc = self.bundle.models, self.bundle.encoder
+        models = self.bundle.models
         for b in self.blocks:
             due = ~b.done & (b.t + self.window <= clock)
             if not due.any():
@@ -760,21 +757,13 @@ class OnlineLearner:
                 e = b.e_used[idx]
                 t = tr.astype(float)
                 phi_f = b.phi_interim[idx] + (y - yi) * (t / e - (1 - t) / (1 - e))
-                self._correct_uplift(x, y, yi, tr, b.prop[idx], phi_f, b.phi_interim[idx])
+                self._uplift_update(x, y, tr, b.prop[idx], phi=phi_f)
                 self._eval["conversion"].append((b.scores["conversion"][idx][tr],
                                                  b.scores["conversion_naive"][idx][tr], y[tr]))
                 self._eval["uplift"].append((b.scores["uplift"][idx], b.scores["uplift_dr"][idx], y, tr))
                 self.corrections += len(idx)
             b.done[due] = True
             self.totals["finalized"] += int(due.sum())
-
-    def _correct_uplift(self, x, y, yi, tr, prop, phi_f, phi_i) -> None:
-        models = self.bundle.models
-        w = self._weights(prop)
-        for name, m in (("mu1", tr), ("mu0", ~tr)):
-            if m.any():
-                models[name].learn(x[m], y[m], w[m] / w[m].mean())
-        models["tau_dr"].learn(x, phi_f)
 
     # ------------------------------------------------------------------ snapshots
     @staticmethod
