@@ -15,10 +15,18 @@ mini-cluster with checkpointing on:
 * ``outcomes_naive``      the per-event design of that join: a Python KeyedProcessFunction keyed
                           by decision id, one ValueState read+write per decision/click/conversion,
                           on the first ``--naive-events`` events;
-* ``outcomes_engine_only`` reading the hand-off and the outcomes engine, no Flink, no commits.
+* ``outcomes_engine_only`` reading the hand-off and the outcomes engine, no Flink, no commits;
+* ``learner``             the learner job on the same hand-off (six models, calibration, delay
+                          models, snapshots to the model store and Iceberg), decisions/s;
+* ``learner_engine_only`` udfs.learners.OnlineLearner in process over the same slices: decisions/s
+                          and its prequential CTR quality against the simulator's truth;
+* ``vowpal_wabbit``       Vowpal Wabbit (pyvw, logistic loss) on the same slices, features and
+                          protocol as the CTR model (udfs.baselines.VowpalCTR), in process.
 
-Each is reported as events/s end to end and *net* of the start-up time of an
-empty job measured in the same run; ratios are net/net. Results go to
+Each job is reported as events/s end to end and *net* of the start-up time of an
+empty job measured in the same run; ratios are net/net. The learners are reported in
+examples/s (an example: one decision scored first, then trained on its labels) and
+their CTR quality (AUC, log loss, ECE on the treatment arm after the first day). Results go to
 ``<out>/features.json``.
 
     python -m jobs.bench --events 1000000 --out bench/results
@@ -225,6 +233,62 @@ def run_outcomes_engine_only(cfg, features_dir: Path) -> dict:
             "engine_events_per_second": round(n / (t2 - t1))}
 
 
+def handoff_decisions(features_dir: Path) -> int:
+    """Enriched decisions in a hand-off (from the Parquet footers)."""
+    import orjson
+    import pyarrow.parquet as pq
+
+    from udfs.ingest import handoff_lines
+
+    n = 0
+    for line in handoff_lines(features_dir):
+        m = orjson.loads(line)
+        if "enriched" in m["files"]:
+            n += pq.ParquetFile(Path(m["root"]) / m["files"]["enriched"]).metadata.num_rows
+    return n
+
+
+def run_learner(features_dir: Path, data: Path) -> dict:
+    from jobs.learner import run
+
+    if data.exists():
+        shutil.rmtree(data)
+    cfg = load_config(env={**os.environ, "STREAMLIFT_PATHS__DATA_DIR": str(data)})
+    return run(cfg, features_dir)
+
+
+def run_learner_engine_only(cfg, features_dir: Path, truth, t0: int) -> dict:
+    """OnlineLearner in process over the hand-off (reading the slices left out of the time)."""
+    import pandas as pd
+
+    from jobs.evaluate import ctr_quality
+    from udfs.ingest import handoff_lines, read_handoff
+    from udfs.learners import OnlineLearner
+
+    slices = [read_handoff(line) for line in handoff_lines(features_dir)]
+    lrn = OnlineLearner(**cfg.learner_params())
+    scores = []
+    start = time.perf_counter()
+    for s in slices:
+        for _, sc, _ in lrn.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final):
+            if sc is not None:
+                scores.append(sc)
+    lrn.flush()
+    seconds = time.perf_counter() - start
+    n = lrn.totals["decisions"]
+    return {"examples": n, "seconds": round(seconds, 2), "examples_per_second": round(n / seconds),
+            "trained": lrn.totals["trained"], "ctr": ctr_quality(pd.concat(scores), truth, t0)}
+
+
+def run_vowpal(cfg, features_dir: Path, truth, t0: int) -> dict:
+    from jobs.evaluate import ctr_quality, vw_scores
+
+    scores, timing = vw_scores(cfg, features_dir)
+    return {"examples": timing["scored"], "seconds": timing["seconds"],
+            "examples_per_second": round(timing["scored"] / timing["seconds"]), "trained": timing["trained"],
+            "args": timing["args"], "ctr": ctr_quality(scores, truth, t0)}
+
+
 def run_flink_sql(sim: Path) -> tuple[int, float]:
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
@@ -246,21 +310,29 @@ def run_flink_sql(sim: Path) -> tuple[int, float]:
     return lines, _timed(lambda: t_env.execute_sql(stmt).wait())
 
 
+RATIOS = {   # name: (numerator, denominator, field of each); a ratio of the variants this run measured
+    "features_vs_naive": ("features", "naive", "net_events_per_second"),
+    "features_no_online_vs_naive": ("features_no_online", "naive", "net_events_per_second"),
+    # against Flink SQL end to end: the SQL job is over within about a second of its start-up
+    "features_vs_flink_sql_end_to_end": ("features", "flink_sql", "events_per_second"),
+    "features_no_online_vs_flink_sql_end_to_end": ("features_no_online", "flink_sql", "events_per_second"),
+    "outcomes_vs_outcomes_naive": ("outcomes", "outcomes_naive", "net_events_per_second"),
+    "outcomes_vs_outcomes_naive_end_to_end": ("outcomes", "outcomes_naive", "events_per_second"),
+    "learner_engine_vs_vowpal_wabbit": ("learner_engine_only", "vowpal_wabbit", "examples_per_second"),
+}
+
+
 def ratios(results: dict) -> dict:
-    """Python variants against each other net of start-up; against Flink SQL end to end
-    (the SQL job is over within about a second of its start-up)."""
-    net = {k: results[k]["net_events_per_second"] for k in ("features", "features_no_online", "naive",
-                                                             "outcomes", "outcomes_naive")}
-    e2e = {k: results[k]["events_per_second"] for k in ("features", "features_no_online", "flink_sql")}
-    return {
-        "features_vs_naive": round(net["features"] / net["naive"], 2),
-        "features_no_online_vs_naive": round(net["features_no_online"] / net["naive"], 2),
-        "features_vs_flink_sql_end_to_end": round(e2e["features"] / e2e["flink_sql"], 3),
-        "features_no_online_vs_flink_sql_end_to_end": round(e2e["features_no_online"] / e2e["flink_sql"], 3),
-        "outcomes_vs_outcomes_naive": round(net["outcomes"] / net["outcomes_naive"], 2),
-        "outcomes_vs_outcomes_naive_end_to_end": round(results["outcomes"]["events_per_second"]
-                                                       / results["outcomes_naive"]["events_per_second"], 2),
-    }
+    out = {}
+    for name, (a, b, f) in RATIOS.items():
+        if a in results and b in results and results[a].get(f) and results[b].get(f):
+            out[name] = round(results[a][f] / results[b][f], 3 if "sql" in name else 2)
+    if "learner" in results and "vowpal_wabbit" in results:
+        out["learner_job_net_vs_vowpal_wabbit"] = round(results["learner"]["net_examples_per_second"]
+                                                        / results["vowpal_wabbit"]["examples_per_second"], 2)
+        out["learner_ctr_auc_minus_vowpal_wabbit"] = round(results["learner_engine_only"]["ctr"]["auc"]
+                                                           - results["vowpal_wabbit"]["ctr"]["auc"], 4)
+    return out
 
 
 def main(argv=None) -> None:
@@ -268,6 +340,8 @@ def main(argv=None) -> None:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--naive-events", type=int, default=50_000)
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--only", choices=("all", "learner"), default="all",
+                   help="learner: only the learner entries (on the hand-off of an earlier run if there is one)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +358,8 @@ def main(argv=None) -> None:
     os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(out / "startup")
 
     results = {"machine": f"{os.cpu_count()} cores", "input_lines": None}
+    if args.only == "learner" and (out / "features.json").exists():
+        results = json.loads((out / "features.json").read_text())
     startup = startup_seconds(cfg)
     results["startup_seconds"] = round(startup, 2)
 
@@ -296,49 +372,80 @@ def main(argv=None) -> None:
     def save():
         (out / "features.json").write_text(json.dumps(results, indent=2))
 
-    s = run_features(sim, out / "run-features", write_online=True)
-    results["input_lines"] = s["events_in"]
-    results["features"] = {**entry(s["events_in"], s["wall_seconds"]),
-                           "online_rows": sum(s["feature_rows_online"].values()), "reconciles": s["reconciles"]}
+    handoff = out / "run-features-no-online"
+    if args.only == "all" or not (handoff / "handoff").exists():
+        s = run_features(sim, out / "run-features", write_online=True)
+        results["input_lines"] = s["events_in"]
+        results["features"] = {**entry(s["events_in"], s["wall_seconds"]),
+                               "online_rows": sum(s["feature_rows_online"].values()), "reconciles": s["reconciles"]}
+        save()
+        s2 = run_features(sim, out / "run-features-no-online", write_online=False)
+        results["features_no_online"] = {**entry(s2["events_in"], s2["wall_seconds"]),
+                                         "reconciles": s2["reconciles"]}
+        save()
+        n, wall = run_naive(cfg, sim, args.naive_events)
+        results["naive"] = entry(n, wall)
+        save()
+        results["engine_only_python"] = run_engine_only(cfg, sim)
+        save()
+        n, wall = run_flink_sql(sim)
+        results["flink_sql"] = entry(n, wall)
+        save()
+        o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
+        results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
+                               "commit_seconds": o["commit_seconds"], "engine_seconds": o["engine_seconds"],
+                               "rows_last_epoch": o["rows_last_epoch"]}
+        save()
+        n, wall = run_outcomes_naive(cfg, out / "run-features-no-online", args.naive_events)
+        results["outcomes_naive"] = entry(n, wall)
+        save()
+        results["outcomes_engine_only"] = run_outcomes_engine_only(cfg, out / "run-features-no-online")
+        save()
+    lj = run_learner(out / "run-features-no-online", out / "run-learner")
+    n = handoff_decisions(out / "run-features-no-online")
+    results["learner"] = {"examples": n, "wall_seconds": lj["wall_seconds"],
+                          "examples_per_second": round(n / lj["wall_seconds"]),
+                          "net_examples_per_second": round(n / (lj["wall_seconds"] - startup)),
+                          "learner_seconds": lj["learner_seconds"], "snapshots": lj["snapshots"]}
     save()
-    s2 = run_features(sim, out / "run-features-no-online", write_online=False)
-    results["features_no_online"] = {**entry(s2["events_in"], s2["wall_seconds"]),
-                                     "reconciles": s2["reconciles"]}
+    from jobs.evaluate import truth_labels
+    from udfs.features import parse_duration
+
+    truth = truth_labels(cfg, sim)
+    t0 = int(truth.event_time.min()) + parse_duration("1d")
+    results["learner_engine_only"] = run_learner_engine_only(cfg, out / "run-features-no-online", truth, t0)
     save()
-    n, wall = run_naive(cfg, sim, args.naive_events)
-    results["naive"] = entry(n, wall)
-    save()
-    results["engine_only_python"] = run_engine_only(cfg, sim)
-    save()
-    n, wall = run_flink_sql(sim)
-    results["flink_sql"] = entry(n, wall)
-    save()
-    o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
-    results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
-                           "commit_seconds": o["commit_seconds"], "engine_seconds": o["engine_seconds"],
-                           "rows_last_epoch": o["rows_last_epoch"]}
-    save()
-    n, wall = run_outcomes_naive(cfg, out / "run-features-no-online", args.naive_events)
-    results["outcomes_naive"] = entry(n, wall)
-    save()
-    results["outcomes_engine_only"] = run_outcomes_engine_only(cfg, out / "run-features-no-online")
+    results["vowpal_wabbit"] = run_vowpal(cfg, out / "run-features-no-online", truth, t0)
     save()
     results["ratios"] = ratios(results)
     save()
     print("\n== make bench: features job (events/s, net of start-up %.1f s) ==" % startup)
     for k in ("features", "features_no_online", "naive", "flink_sql", "outcomes", "outcomes_naive"):
+        if k not in results:
+            continue
         r = results[k]
         print(f"{k:<20} {r['events']:>10,} events  {r['wall_seconds']:>7.1f} s  "
               f"{r['events_per_second']:>9,}/s end to end  {r['net_events_per_second'] or '-':>9}/s net")
     for k, v in results["ratios"].items():
         print(f"{k:<34} {v}")
-    e = results["engine_only_python"]
-    print(f"without Flink, one core: read+validate {e['read_validate_events_per_second']:,}/s, "
-          f"engine {e['engine_events_per_second']:,}/s")
-    e = results["outcomes_engine_only"]
-    o = results["outcomes"]
-    print(f"outcomes: {o['epochs']} epochs, Iceberg commits {o['commit_seconds']} s, engine {o['engine_seconds']} s; "
-          f"without Flink: read {e['read_events_per_second']:,}/s, engine {e['engine_events_per_second']:,}/s")
+    if "engine_only_python" in results:
+        e = results["engine_only_python"]
+        print(f"without Flink, one core: read+validate {e['read_validate_events_per_second']:,}/s, "
+              f"engine {e['engine_events_per_second']:,}/s")
+    if "outcomes_engine_only" in results:
+        e = results["outcomes_engine_only"]
+        o = results["outcomes"]
+        print(f"outcomes: {o['epochs']} epochs, Iceberg commits {o['commit_seconds']} s, engine {o['engine_seconds']} s; "
+              f"without Flink: read {e['read_events_per_second']:,}/s, engine {e['engine_events_per_second']:,}/s")
+    lj = results["learner"]
+    print("\n== learner (examples/s; an example is a decision scored, then trained) ==")
+    print(f"learner job          {lj['examples']:>10,} examples {lj['wall_seconds']:>7.1f} s  "
+          f"{lj['examples_per_second']:>9,}/s end to end  {lj['net_examples_per_second']:>9,}/s net  "
+          f"(learner itself {lj['learner_seconds']} s)")
+    for k in ("learner_engine_only", "vowpal_wabbit"):
+        r, c = results[k], results[k]["ctr"]
+        print(f"{k:<20} {r['examples']:>10,} examples {r['seconds']:>7.1f} s  {r['examples_per_second']:>9,}/s  "
+              f"CTR AUC {c['auc']:.4f}  log loss {c['log_loss']:.4f}  ECE {c['ece']:.4f}  (n={c['n']:,})")
     print(f"written to {out / 'features.json'}")
 
 

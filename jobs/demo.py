@@ -147,6 +147,10 @@ def learner_report(cfg, sim_dir) -> dict:
     print(f"CTR          AUC {c['auc']:.4f} (oracle {o['ctr_auc']:.4f}, true p {c['auc_true_p']:.4f})  "
           f"log loss {c['log_loss']:.4f} (oracle {o['ctr_log_loss']:.4f})  ECE {c['ece']:.4f}  "
           f"mean {c['mean_prediction']:.4f} vs rate {c['rate']:.4f}")
+    w = q["vw"]
+    print(f"             Vowpal Wabbit on the same stream and features: AUC {w['auc']:.4f}  log loss "
+          f"{w['log_loss']:.4f}  ECE {w['ece']:.4f}  ({w['scored'] / max(w['seconds'], 1e-9):,.0f} examples/s, "
+          f"one model; the learner trains six)")
     print(f"conversion   AUC delayed-feedback {v['auc']:.4f} | naive labels {v['auc_naive']:.4f} | "
           f"oracle {o['conversion_auc']:.4f} (true p {v['auc_true_p']:.4f}): {v['gap_closed']:.0%} of the "
           f"naive-oracle gap closed")

@@ -4,7 +4,9 @@ Every decision's first-sight scores (``<data>/scores/``, written by the learner 
 before any label of that decision was used) are compared with the truth: CTR and
 conversion AUC, log loss, calibration error; uplift Qini against ranking by the
 true uplift. The oracle is the same learner given each decision's true final labels
-at once (``OnlineLearner(labels="oracle")``, run here in process on the same hand-off).
+at once (``OnlineLearner(labels="oracle")``, run here in process on the same hand-off). The
+CTR baseline is Vowpal Wabbit on the same stream, protocol and features
+(``udfs.baselines.VowpalCTR``), also in process.
 The first ``warmup`` of event time is left out (every model starts from zero).
 """
 
@@ -17,7 +19,7 @@ import pandas as pd
 from udfs.features import parse_duration
 from udfs.metrics import auc, ece, log_loss, qini_coefficient
 
-__all__ = ["truth_labels", "job_scores", "oracle_scores", "quality"]
+__all__ = ["truth_labels", "job_scores", "oracle_scores", "vw_scores", "ctr_quality", "quality"]
 
 
 def truth_labels(cfg, sim_dir) -> pd.DataFrame:
@@ -53,7 +55,40 @@ def oracle_scores(cfg, truth: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True) -> dict:
+def vw_scores(cfg, input_dir=None) -> tuple[pd.DataFrame, dict]:
+    """Vowpal Wabbit's first-sight CTR scores over the hand-off of ``input_dir`` (default: the
+    data dir), with its examples and seconds (VW's own work: building its text examples from
+    the slice, predicting, learning; reading the slices is left out, as for the learner)."""
+    import time
+
+    from udfs.baselines import VowpalCTR
+    from udfs.ingest import handoff_lines, read_handoff
+
+    p = cfg.learner_params()
+    vw = VowpalCTR(p["half_lives"], p["click_window"], p["label_wait"])
+    out, seconds = [], 0.0
+    for line in handoff_lines(input_dir or cfg.data_dir):
+        s = read_handoff(line)
+        t0 = time.perf_counter()
+        sc = vw.offer(s.decisions, s.outcomes, s.clock)
+        seconds += time.perf_counter() - t0
+        if sc is not None:
+            out.append(sc)
+    return pd.concat(out, ignore_index=True), {"scored": vw.scored, "trained": vw.trained,
+                                               "seconds": round(seconds, 2), "args": vw.args}
+
+
+def ctr_quality(scores: pd.DataFrame, truth: pd.DataFrame, t0: int) -> dict:
+    """Prequential CTR quality of first-sight ``scores`` (decision_id, ctr) on the treatment arm
+    after event time ``t0``."""
+    d = scores[["decision_id", "ctr"]].merge(truth[["decision_id", "event_time", "arm", "true_click"]],
+                                             on="decision_id")
+    d = d[(d.event_time >= t0) & (d.arm == "treatment")]
+    return {"n": int(len(d)), "auc": auc(d.ctr, d.true_click), "log_loss": log_loss(d.ctr, d.true_click),
+            "ece": ece(d.ctr, d.true_click)}
+
+
+def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True, vw: bool = True) -> dict:
     truth = truth_labels(cfg, sim_dir)
     t0 = truth.event_time.min() + parse_duration(warmup)
     cols = ["decision_id", "event_time", "arm", "creative_id", "p_click", "true_click", "true_conversion",
@@ -92,4 +127,7 @@ def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True) -> dict:
         c = res["conversion"]
         gap = res["oracle"]["conversion_auc"] - c["auc_naive"]
         c["gap_closed"] = (c["auc"] - c["auc_naive"]) / gap if gap > 0 else float("nan")
+    if vw:
+        v, timing = vw_scores(cfg)
+        res["vw"] = {**ctr_quality(v, truth, t0), **timing}
     return res

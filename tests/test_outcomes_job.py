@@ -251,3 +251,67 @@ def test_serving_scores_with_features_read_from_feast(pipeline, learned):
     # the features matter: scoring without them (all missing) gives other CTRs
     bare = model.score(req)
     assert not np.allclose(bare.ctr.to_numpy(), got.ctr.to_numpy())
+
+
+def test_learner_restart_from_a_checkpoint_gives_the_models_of_an_uninterrupted_run(pipeline, learned, tmp_path):
+    """Hand-off slices announced to a --follow learner job; SIGKILL after some snapshots and a
+    checkpoint; the rest announced; restart --from-checkpoint: every snapshot of the restarted
+    job is the model the uninterrupted run cut at that version, down to the last one it cut
+    from the input (the uninterrupted run's end-of-input snapshot needs a bounded input)."""
+    from jobs.serving import list_versions, load_model
+
+    cfg, _, _, _ = pipeline
+    model_id = cfg.learner["model_id"]
+    clean_stats = [json.loads(p.read_text()) for p in sorted((cfg.data_dir / "learner").glob("snapshot-*.json"))]
+    target = max(s["version"] for s in clean_stats if not s["timing"].get("end_of_input"))
+    handoffs = sorted((cfg.data_dir / "handoff").glob("slice-*.json"))
+    inp = tmp_path / "input"
+    (inp / "handoff").mkdir(parents=True)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STREAMLIFT_PATHS__DATA_DIR": str(run_dir)}
+
+    def start(*extra):
+        return subprocess.Popen([sys.executable, "-m", "jobs.learner", "--input", str(inp), "--follow", *extra],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def announce(f):
+        tmp = inp / "handoff" / ("." + f.name)
+        shutil.copy(f, tmp)
+        os.rename(tmp, inp / "handoff" / f.name)
+
+    def snapshots_done():
+        d = run_dir / "learner"
+        return sorted(d.glob("snapshot-*.json")) if d.exists() else []
+
+    half = len(handoffs) // 2
+    for f in handoffs[:half]:
+        announce(f)
+    proc = start()
+    try:
+        wait_for(lambda: len(snapshots_done()) >= 3)
+        wait_for_newer_checkpoint(run_dir, "checkpoints-learner")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    before_kill = len(snapshots_done())
+    assert 3 <= before_kill < target
+    checkpoint = completed_checkpoints(run_dir, "checkpoints-learner")[-1]
+    for f in handoffs[half:]:
+        announce(f)
+    proc = start("--from-checkpoint", str(checkpoint))
+    try:
+        wait_for(lambda: (run_dir / "learner" / f"snapshot-{target:06d}.json").exists(), timeout=180)
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    store = cfg_for(run_dir).model_store
+    got = {m["version"]: m for m in list_versions(store, model_id)}
+    assert sorted(got) == list(range(1, target + 1))
+    for v in range(1, target + 1):
+        a = load_model(store, model_id, v)
+        b = load_model(cfg.model_store, model_id, v)
+        assert a.bundle.digest() == b.bundle.digest(), v
+        assert a.manifest["examples"] == b.manifest["examples"]
+        assert json.dumps(a.manifest["metrics"]) == json.dumps(b.manifest["metrics"])   # NaN-safe
