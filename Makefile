@@ -32,8 +32,8 @@ test: $(STAMP) ## run the whole test suite (unit, mini-cluster job tests, cluste
 test-fast: $(STAMP) ## unit tests only (no JVM)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## features and outcomes jobs vs naive per-event state (and Flink SQL) on 1M events
-	$(BIN)/python -m jobs.bench --events 1000000 --out bench/results
+bench: $(STAMP) ## features, outcomes, learner jobs vs baselines (naive state, Flink SQL, Vowpal Wabbit) on 1M events; ONLY=learner
+	$(BIN)/python -m jobs.bench --events 1000000 --out bench/results --only $(or $(ONLY),all)
 
 simulate: $(STAMP) ## write simulated traffic to $(DATA)/sim
 	$(BIN)/python -m jobs.simulate --events $(EVENTS) --out $(DATA)/sim

@@ -99,7 +99,9 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
     MapState ``state_name`` holds ``core`` (the engine's ``snapshot()`` at its last cut) and
     ``log:<seq>`` (the lines taken since). After a restore the engine is rebuilt from ``core``
     and the logged lines are taken again, which cuts the same results; ``publish`` must be
-    idempotent (it is handed those cuts again).
+    idempotent (it is handed those cuts again). An engine with ``state_parts() -> (core, new,
+    gone)`` is kept incrementally: its parts (``part:<key>``) are put once and removed when
+    gone, and ``restore_engine(core, parts)`` gets them back.
 
     ``take(engine, line, timing) -> cuts``; ``publish(resources, cut, timing) -> str``;
     ``setup() -> resources`` runs in ``open`` (tables, stores); ``new_engine()``,
@@ -115,12 +117,19 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
                 state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.resources = setup() if setup else None
             self.engine = None
+            self.logged = set()                     # seqs of the log:<seq> entries (state.keys()
+                                                    # would fetch every entry, parts included)
 
         def _engine(self):
             if self.engine is None:
                 entries = dict(self.state.items())
-                self.engine = restore_engine(entries["core"]) if "core" in entries else new_engine()
+                parts = {k[5:]: v for k, v in entries.items() if k.startswith("part:")}
+                if "core" not in entries:
+                    self.engine = new_engine()
+                else:
+                    self.engine = restore_engine(entries["core"], parts) if parts else restore_engine(entries["core"])
                 logged = sorted((int(k[4:]), v) for k, v in entries.items() if k.startswith("log:"))
+                self.logged = {seq for seq, _ in logged}
                 for _, line in logged:            # lines after the snapshot: cut their results again
                     self._publish_all(take(self.engine, line, {"replayed": True}), {"replayed": True})
             return self.engine
@@ -129,10 +138,18 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
             for i, cut in enumerate(cuts):         # the line's timing goes with its first cut only
                 self._out.append(publish(self.resources, cut, timing if i == 0 else {}))
             if cuts:                                # snapshot, then drop the log it covers
-                self.state.put("core", self.engine.snapshot())
-                for k in [k for k in self.state.keys() if k.startswith("log:")]:
-                    if int(k[4:]) < self.engine.next_seq:
-                        self.state.remove(k)
+                if hasattr(self.engine, "state_parts"):
+                    core, new, gone = self.engine.state_parts()
+                    for k, v in new.items():
+                        self.state.put(f"part:{k}", v)
+                    for k in gone:
+                        self.state.remove(f"part:{k}")
+                else:
+                    core = self.engine.snapshot()
+                self.state.put("core", core)
+                for seq in sorted(s for s in self.logged if s < self.engine.next_seq):
+                    self.state.remove(f"log:{seq}")
+                    self.logged.discard(seq)
 
         def process_element(self, value, ctx):
             self._out = []
@@ -140,6 +157,7 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
             seq = json.loads(value)["seq"]
             if seq >= engine.next_seq:
                 self.state.put(f"log:{seq}", value)
+                self.logged.add(seq)
             timing = {}
             self._publish_all(take(engine, value, timing), timing)
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)

@@ -207,6 +207,24 @@ def test_ctr_is_as_good_as_the_oracle_and_calibrated(synthetic):
     assert ece(sc.ctr[tr], sc.click[tr]) < ece(sc.p_click[tr], sc.click[tr]) + 0.006   # true p: 0.005
 
 
+def test_vowpal_wabbit_baseline_learns_the_same_stream_and_the_ctr_model_is_not_worse(synthetic):
+    """VW under the CTR model's protocol: scores every treated decision once before learning it,
+    learns each once its wait has passed, and ranks clicks well; the CTR model is not worse."""
+    from udfs.baselines import VowpalCTR
+
+    slices, truth, (_, scores, _), _ = synthetic
+    vw = VowpalCTR()
+    out = [vw.offer(d, o, clock) for _, d, o, clock, _ in slices]
+    v = pd.concat([x for x in out if x is not None], ignore_index=True).merge(truth, on="decision_id")
+    assert v.decision_id.is_unique and len(v) == truth.treated.sum() == vw.scored
+    assert vw.trained == len(v) - len(vw.pending) and len(vw.pending) > 0     # the last hour waits
+    warm = v.index >= len(v) // 6
+    a_vw, a_true = auc(v.ctr[warm], v.click[warm]), auc(v.p_click[warm], v.click[warm])
+    assert a_vw > a_true - 0.03
+    sc = scores.merge(truth, on="decision_id").set_index("decision_id").loc[v.decision_id[warm]]
+    assert auc(sc.ctr, sc.click) > a_vw - 0.005
+
+
 def test_delayed_feedback_conversion_model_beats_the_naive_labels(synthetic):
     _, truth, (_, scores, _), (_, oscores, _) = synthetic
     sc = scores.merge(truth, on="decision_id")
@@ -248,6 +266,37 @@ def test_restore_midway_then_the_rest_equals_an_uninterrupted_run(synthetic):
     bundle = pickle.loads(snaps[-1].bundle)
     d = slices[-1][1]
     pd.testing.assert_frame_equal(bundle.score(d), lrn.bundle.score(d))
+
+
+def test_incremental_state_parts_restore_the_learner_at_each_cut(synthetic):
+    """state_parts as the job keeps them (a dict of parts: new ones put, gone ones removed):
+    the held rows' fixed fields are not in the core, each block's fixed fields are handed out once, and a restore from the
+    core and the kept parts at any cut continues exactly like the uninterrupted learner."""
+    slices, _, (lrn, _, _), _ = synthetic
+    a = OnlineLearner(snapshot_every="1d", refit_every="1d")
+    kept, handed = {}, []
+    for i, s in enumerate(slices):
+        a.offer(*s)
+        core, new, gone = a.state_parts()
+        assert not set(new) & set(kept) and set(gone) <= set(kept)
+        handed += list(new)
+        kept.update(new)
+        for k in gone:
+            del kept[k]
+        assert set(kept) == {b.key for b in a.blocks}
+        if i in (5, 13):
+            # the fixed fields are in the parts only (the core keeps the labels and flags)
+            assert len(core) < len(a.snapshot()) - 0.9 * sum(map(len, kept.values()))
+            b = OnlineLearner.restore(core, dict(kept))
+            assert b.state_digest() == a.state_digest() and b.totals == a.totals
+            for t in slices[i + 1:]:
+                b.offer(*t)
+            b.flush()
+            assert b.state_digest() == lrn.state_digest()
+    assert len(handed) == len(set(handed)) == len(slices)
+    # the learner handing out parts is unchanged by it
+    a.flush()
+    assert a.state_digest() == lrn.state_digest()
 
 
 def test_same_input_same_model_and_slices_may_arrive_out_of_order(synthetic):

@@ -28,6 +28,8 @@ from collections import deque
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from udfs.features import parse_duration
 from udfs.learners import FeatureEncoder
@@ -51,25 +53,22 @@ class VowpalCTR:
         self.scored = 0
 
     def lines(self, df: pd.DataFrame) -> list[str]:
-        """VW text features (no label) of decision rows."""
+        """VW text features (no label) of decision rows, built column-wise with Arrow compute
+        (zero-valued numeric features left out, as VW's own input writers do)."""
         num, _ = self.encoder.encode(df)
-        cols = []
+        parts = [pa.scalar(" |n")]
+        for j in range(num.shape[1]):
+            col = pa.array(num[:, j])
+            text = pc.binary_join_element_wise(pa.scalar(str(j)), pc.cast(col, pa.string()), ":")
+            parts.append(pc.if_else(pc.equal(col, 0), pa.scalar(""), text))
+        parts.append(pa.scalar("|c"))
         for f in self.encoder.FIELDS:
-            if isinstance(f, tuple):
-                name = "*".join(f)
-                v = df[f[0]].astype(str)
-                for g in f[1:]:
-                    v = v + "^" + df[g].astype(str)
-            else:
-                name, v = f, df[f].astype(str)
-            cols.append((name + "=" + v.str.replace(r"[\s|:]", "_", regex=True)).to_numpy(dtype=object))
-        out = []
-        for i in range(len(df)):
-            row = num[i]
-            nz = np.flatnonzero(row)
-            n = " ".join(f"{j}:{row[j]:.6g}" for j in nz)
-            out.append(f" |n {n} |c " + " ".join(c[i] for c in cols))
-        return out
+            fields = f if isinstance(f, tuple) else (f,)
+            vals = [pc.cast(pa.array(df[g].to_numpy()), pa.string()) for g in fields]
+            v = vals[0] if len(vals) == 1 else pc.binary_join_element_wise(*vals, "^")
+            v = pc.replace_substring_regex(v, r"[\s|:]", "_")
+            parts.append(pc.binary_join_element_wise(pa.scalar("*".join(fields) + "="), v, ""))
+        return pc.binary_join_element_wise(*parts, " ").to_pylist()
 
     def offer(self, decisions=None, outcomes=None, clock: int | None = None) -> pd.DataFrame | None:
         """One hand-off slice: score its treatment-arm decisions, note its clicks, then learn

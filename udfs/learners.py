@@ -37,7 +37,6 @@ is scored when it arrives, before any label of it is used), and
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -440,9 +439,13 @@ class Snapshot:
 
 
 class _Block:
-    """The decisions of one hand-off slice, held until their conversion window closes."""
+    """The decisions of one hand-off slice (``key``: its seq), held until their conversion window
+    closes. The ``FIXED`` fields never change once made; the rest are the labels and flags."""
 
-    def __init__(self, ids, t, camp, treated, prop, num, cat, scores):
+    FIXED = ("ids", "t", "camp", "treated", "prop", "num", "cat", "scores", "true_click", "true_conv")
+
+    def __init__(self, key, ids, t, camp, treated, prop, num, cat, scores):
+        self.key = str(key)
         self.ids = pd.Index(ids)
         self.t = t
         self.camp = camp
@@ -521,6 +524,7 @@ class OnlineLearner:
         self.live_summary = FeatureSummary(self.bundle.encoder.n_numeric)
         self._eval = self._new_eval()
         self._cal = Ring(calibration_window)         # calibration window: numeric, buckets, clicks
+        self._stored: set = set()                    # block parts handed out by state_parts()
         self.totals = {"decisions": 0, "outcomes": 0, "unmatched_outcomes": 0, "trained": 0,
                        "conversion_trained": 0, "finalized": 0}
 
@@ -558,7 +562,7 @@ class OnlineLearner:
     def _process(self, seq, decisions, outcomes, clock, final):
         scored = None
         if decisions is not None and len(decisions):
-            scored = self._add_decisions(decisions)
+            scored = self._add_decisions(seq, decisions)
         if outcomes is not None and len(outcomes):
             self._add_outcomes(outcomes)
         if clock is not None:
@@ -568,7 +572,7 @@ class OnlineLearner:
             snaps = self._advance(seq, final)
         return scored, snaps
 
-    def _add_decisions(self, decisions) -> pd.DataFrame:
+    def _add_decisions(self, seq, decisions) -> pd.DataFrame:
         df = decisions.to_pandas() if not isinstance(decisions, pd.DataFrame) else decisions
         enc = self.bundle.encoder
         num, cat = enc.encode(df)
@@ -580,7 +584,7 @@ class OnlineLearner:
         treated = (df["arm"].to_numpy(dtype=object) == "treatment")
         scores = {k: preds[k].to_numpy() for k in ("ctr", "ctr_logit", "conversion", "conversion_naive",
                                                     "uplift", "uplift_dr")}
-        b = _Block(df["decision_id"].to_numpy(dtype=object), t, codes, treated,
+        b = _Block(seq, df["decision_id"].to_numpy(dtype=object), t, codes, treated,
                    df["propensity"].to_numpy(float), num, cat, scores)
         if self.labels == "oracle":
             b.true_click = df["true_click"].to_numpy(bool)
@@ -843,14 +847,36 @@ class OnlineLearner:
                 "open": int(sum((~b.done).sum() for b in self.blocks))}
 
     def snapshot(self) -> bytes:
-        """The whole learner state (models, held rows, counters), for Flink state."""
-        buf = io.BytesIO()
-        pickle.dump(self, buf, protocol=pickle.HIGHEST_PROTOCOL)
-        return buf.getvalue()
+        """The whole learner state (models, held rows, counters) in one blob."""
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def state_parts(self) -> tuple[bytes, dict, list]:
+        """The state as Flink keeps it, incrementally: ``(core, new parts, gone parts)``. The
+        held rows' fixed fields (features, first-sight scores: ~90 % of the bytes) are one part
+        per block, handed out once when new and named again only when the block retires; the
+        core is the rest (models, labels and flags of held rows, counters).
+        ``restore(core, parts)`` with every part handed out and not gone rebuilds the learner."""
+        keys = {b.key for b in self.blocks}
+        new = {b.key: pickle.dumps({k: b.__dict__[k] for k in _Block.FIXED}, protocol=pickle.HIGHEST_PROTOCOL)
+               for b in self.blocks if b.key not in self._stored}
+        gone = sorted(self._stored - keys)
+        self._stored = keys
+        fixed = [{k: b.__dict__.pop(k) for k in _Block.FIXED} for b in self.blocks]
+        try:
+            core = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            for b, f in zip(self.blocks, fixed):
+                b.__dict__.update(f)
+        return core, new, gone
 
     @staticmethod
-    def restore(blob: bytes) -> "OnlineLearner":
-        return pickle.loads(blob)
+    def restore(blob: bytes, parts: dict | None = None) -> "OnlineLearner":
+        """From :meth:`snapshot`, or from the core and parts of :meth:`state_parts`."""
+        lrn = pickle.loads(blob)
+        for b in lrn.blocks:
+            if "num" not in b.__dict__:
+                b.__dict__.update(pickle.loads(parts[b.key]))
+        return lrn
 
     def state_digest(self) -> str:
         return self.bundle.digest()
