@@ -117,6 +117,7 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
                 state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.resources = setup() if setup else None
             self.engine = None
+            self._carry = {}                        # timing of lines that cut nothing yet
             self.logged = set()                     # seqs of the log:<seq> entries (state.keys()
                                                     # would fetch every entry, parts included)
 
@@ -159,7 +160,17 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
                 self.state.put(f"log:{seq}", value)
                 self.logged.add(seq)
             timing = {}
-            self._publish_all(take(engine, value, timing), timing)
+            cuts = take(engine, value, timing)
+            carry = self._carry
+            if not cuts:       # a line that cut nothing (it waits for a gap): its timing goes with the next cut
+                for k, v in timing.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        carry[k] = carry.get(k, 0) + v
+                self._carry = carry
+            elif carry:
+                timing = {**timing, **{k: round(timing.get(k, 0) + v, 3) for k, v in carry.items()}}
+                self._carry = {}
+            self._publish_all(cuts, timing)
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
             yield from self._out
 
