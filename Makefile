@@ -10,7 +10,7 @@ EVENTS ?= 200000
 JOB ?= features
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast bench cluster-up cluster-down submit simulate lock clean
+.PHONY: help venv redis demo test test-fast bench cluster-up cluster-down submit simulate lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -26,7 +26,11 @@ venv: $(STAMP) ## create .venv with the pinned dependency set
 demo: $(STAMP) ## simulate EVENTS events, run the features job locally, read features back from Feast
 	$(BIN)/python -m jobs.demo --events $(EVENTS) --data-dir $(DATA)/demo
 
-test: $(STAMP) ## run the whole test suite (unit, mini-cluster job tests, cluster submission)
+redis: ## install Debian's redis-server if missing (the Feast-on-Redis tests start their own on a free port)
+	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+test: $(STAMP) redis ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP) ## unit tests only (no JVM)
