@@ -39,16 +39,50 @@ def test_submitted_job_writes_the_same_features(cluster, small_sim, tmp_path):
     assert_online_equals_reference(cfg, ref)
 
 
-def test_submitted_outcomes_job_commits_every_decision_once(cluster, small_sim, tmp_path):
-    """The features job, then the outcomes job on its hand-off, both with `flink run -py`."""
+@pytest.fixture(scope="module")
+def submitted_features(cluster, small_sim, tmp_path_factory):
+    """The features job's output (hand-off included), submitted with `flink run -py`."""
+    feats = tmp_path_factory.mktemp("cluster-features")
+    result = cluster.submit("features", str(small_sim), str(feats))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return feats
+
+
+def test_submitted_outcomes_job_commits_every_decision_once(cluster, submitted_features, tmp_path):
+    """The outcomes job on the features job's hand-off, both with `flink run -py`."""
     from jobs.analyst import read_table
     from jobs.sinks import summarize
 
-    feats = tmp_path / "features"
-    assert cluster.submit("features", str(small_sim), str(feats)).returncode == 0
+    feats = submitted_features
     result = cluster.submit("outcomes", str(feats), str(tmp_path / "outcomes"))
     assert result.returncode == 0, result.stderr[-3000:]
     out = read_table(cfg_for(tmp_path / "outcomes"), "outcome")
     s = summarize(cfg_for(feats))
     assert out.decision_id.is_unique and len(out) == s["processed_by_stream"]["decision"]
     assert int(out.conversions.sum()) == s["processed_by_stream"]["conversion"]
+
+
+def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluster, submitted_features, tmp_path):
+    """The learner job on the same hand-off with `flink run -py`: its snapshots are in the model
+    store and Iceberg, and its last model is, digest for digest, the OnlineLearner run here in
+    process over the same slices (training is deterministic)."""
+    from jobs.analyst import read_table
+    from jobs.serving import list_versions, load_model
+    from udfs.ingest import handoff_lines, read_handoff
+    from udfs.learners import OnlineLearner
+
+    run_dir = tmp_path / "learner"
+    result = cluster.submit("learner", str(submitted_features), str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = cfg_for(run_dir)
+    versions = list_versions(cfg.model_store, cfg.learner["model_id"])
+    assert len(versions) >= 2
+    assert sorted(read_table(cfg, "learner_metrics").version) == [m["version"] for m in versions]
+    lrn = OnlineLearner(**cfg.learner_params())
+    for line in handoff_lines(submitted_features):
+        s = read_handoff(line)
+        lrn.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
+    lrn.flush()
+    last = load_model(cfg.model_store, cfg.learner["model_id"], versions[-1]["version"])
+    assert lrn.version == versions[-1]["version"]
+    assert last.bundle.digest() == lrn.state_digest()
