@@ -62,7 +62,8 @@ class Config:
     def learner_params(self) -> dict:
         """Constructor arguments of ``udfs.learners.OnlineLearner``."""
         keys = ("label_wait", "refit_every", "snapshot_every", "snapshot_examples", "batch_size", "lr",
-                "intercept_lr", "buckets", "calibration_window", "ipw_clip", "drift_threshold", "model_id")
+                "intercept_lr", "buckets", "calibration_window", "ipw_clip", "drift_threshold", "model_id",
+                "effect_modifiers")
         return {"half_lives": tuple(self.features["half_lives"]),
                 "click_window": self.features["click_window"],
                 "conversion_window": self.features["conversion_window"],

@@ -57,6 +57,8 @@ __all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "Ring", "BatchLogisticR
 HOUR_MS = parse_duration("1h")
 CLIP_Z = 6.0
 MODEL_NAMES = ("ctr", "conversion", "conversion_naive", "mu1", "mu0", "tau_dr")
+EFFECT_MODIFIERS = ("campaign_id", "creative_id")   # default fields of the uplift regression τ_dr
+MASKED_MODELS = ("mu0", "tau_dr")   # models that see part of the features (ModelBundle._masked)
 
 
 def _sigmoid(x):
@@ -93,6 +95,26 @@ class FeatureEncoder:
         self.numeric_names = names
         self.field_names = ["*".join(f) if isinstance(f, tuple) else f for f in self.FIELDS]
         self._cache = {}
+
+    def unshown_mask(self) -> tuple[np.ndarray, np.ndarray]:
+        """(numeric columns to keep, categorical fields to keep) for a model of the control arm's
+        outcome: a holdout decision logs the creative the policy chose but does not show it,
+        so the creative's fields and history cannot cause that outcome and are left out."""
+        keep_num = np.array(["campaign_creative" not in n for n in self.numeric_names])
+        keep_fields = np.array([j for j, f in enumerate(self.FIELDS)
+                                if "creative_id" not in (f if isinstance(f, tuple) else (f,))])
+        return keep_num, keep_fields
+
+    def modifier_mask(self, fields) -> tuple[np.ndarray, np.ndarray]:
+        """(numeric columns to keep: none, categorical fields to keep: ``fields``) for the uplift
+        regression: τ(x) on the chosen effect modifiers only (EconML's X, the nuisance models
+        seeing everything, its W). On a stream whose uplift varies mostly with what no feature
+        observes, a τ over every feature ranks by noise."""
+        unknown = set(fields) - set(self.field_names)
+        if unknown:
+            raise ValueError(f"effect modifiers {sorted(unknown)} are not among the fields {self.field_names}")
+        keep_fields = np.array([j for j, name in enumerate(self.field_names) if name in set(fields)], dtype=np.int64)
+        return np.zeros(self.n_numeric, bool), keep_fields
 
     @property
     def n_numeric(self) -> int:
@@ -348,7 +370,8 @@ class ModelBundle:
     the treatment share. Pickled into each snapshot; serving scores with :meth:`score`."""
 
     def __init__(self, encoder: FeatureEncoder, lr=0.05, l2=0.0, batch_size=512,
-                 calibration_window=50_000, intercept_lr=0.2, dr_intercept_lr=0.01):
+                 calibration_window=50_000, intercept_lr=0.2, dr_intercept_lr=0.01,
+                 effect_modifiers=EFFECT_MODIFIERS):
         self.encoder = encoder
         nf = encoder.n_features
         self.models = {
@@ -356,6 +379,7 @@ class ModelBundle:
             else OnlineGLM("logistic", nf, lr, l2, batch_size, intercept_lr) for name in MODEL_NAMES}
         self.calibrator = OnlinePlatt(calibration_window)
         self.scaler = FeatureSummary(encoder.n_numeric)   # running mean/std of the numeric block
+        self._masks = {"mu0": encoder.unshown_mask(), "tau_dr": encoder.modifier_mask(effect_modifiers)}
         self.n_treated = 0
         self.n_control = 0
 
@@ -373,9 +397,19 @@ class ModelBundle:
         z *= 1.0 / np.maximum(self.scaler.std, 0.05)
         return np.clip(z, -CLIP_Z, CLIP_Z, out=z)
 
-    def design(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
-        """The dense rows the models train on."""
-        return self.encoder.dense(self.standardize(num), cat)
+    def _masked(self, name: str, z: np.ndarray, cat: np.ndarray):
+        """Model ``name``'s view of the standardized rows: μ0 (the holdout arm's outcome) without
+        the creative's fields and history (``FeatureEncoder.unshown_mask``); τ_dr on the effect
+        modifiers only (``FeatureEncoder.modifier_mask``)."""
+        if name not in MASKED_MODELS:
+            return z, cat
+        keep_num, keep_fields = self._masks[name]
+        return z * keep_num, cat[:, keep_fields]
+
+    def design(self, num: np.ndarray, cat: np.ndarray, name: str | None = None) -> np.ndarray:
+        """The dense rows the models train on (as model ``name`` sees them, if given)."""
+        z, c = self._masked(name, self.standardize(num), cat)
+        return self.encoder.dense(z, c)
 
     def digest(self) -> str:
         """A hash of every model's weights and intercept, the calibrator and the scaler: equal
@@ -391,7 +425,7 @@ class ModelBundle:
     def raw_score(self, name: str, num, cat, z=None) -> np.ndarray:
         """Model ``name``'s logit (or value, for ``tau_dr``) of encoded rows."""
         m = self.models[name]
-        z = self.standardize(num) if z is None else z
+        z, cat = self._masked(name, self.standardize(num) if z is None else z, cat)
         return self.encoder.raw_score(m.weights(), z, cat) + m.intercept
 
     def raw_scores(self, num, cat) -> dict:
@@ -482,7 +516,8 @@ class OnlineLearner:
                  buckets=128, lr=0.05, l2=0.0, batch_size=512, intercept_lr=0.2,
                  dr_intercept_lr=0.01, calibration_window=50_000,
                  ipw_clip=20.0, prior_strength=50.0, fit_sample=50_000, drift_threshold=0.5,
-                 model_id="streamlift", labels="delayed"):
+                 model_id="streamlift", labels="delayed", effect_modifiers=None):
+        effect_modifiers = tuple(effect_modifiers or EFFECT_MODIFIERS)
         if labels not in ("delayed", "oracle"):
             raise ValueError(f"labels must be 'delayed' or 'oracle', not {labels!r}")
         self.params = dict(half_lives=tuple(half_lives), click_window=click_window,
@@ -492,7 +527,8 @@ class OnlineLearner:
                            batch_size=batch_size, intercept_lr=intercept_lr,
                            dr_intercept_lr=dr_intercept_lr, calibration_window=calibration_window,
                            ipw_clip=ipw_clip, prior_strength=prior_strength, fit_sample=fit_sample,
-                           drift_threshold=drift_threshold, model_id=model_id, labels=labels)
+                           drift_threshold=drift_threshold, model_id=model_id, labels=labels,
+                           effect_modifiers=effect_modifiers)
         self.click_window = parse_duration(click_window)
         self.window = parse_duration(conversion_window)
         self.wait = 0 if labels == "oracle" else max(parse_duration(label_wait), self.click_window)
@@ -506,7 +542,7 @@ class OnlineLearner:
         self.model_id = model_id
         self.labels = labels
         self.bundle = ModelBundle(FeatureEncoder(half_lives, buckets), lr, l2, batch_size,
-                                  calibration_window, intercept_lr, dr_intercept_lr)
+                                  calibration_window, intercept_lr, dr_intercept_lr, tuple(effect_modifiers))
         self.blocks: list[_Block] = []
         self.campaigns: dict[str, int] = {}
         self.delay_params = None                   # (p, λ per hour) arrays by campaign code
@@ -737,29 +773,30 @@ class OnlineLearner:
         if tr.any():
             models["conversion"].learn(x[tr], y[tr])
             models["conversion_naive"].learn(x[tr], observed[tr])
-        phi, e = self._uplift_update(x, y, tr, b.prop[idx])
+        phi, e = self._uplift_update(b.num[idx], b.cat[idx], x, y, tr, b.prop[idx])
         b.y_interim[idx], b.phi_interim[idx], b.e_used[idx] = y, phi, e
         b.conv_trained[idx] = True
         self.totals["conversion_trained"] += len(idx)
 
-    def _uplift_update(self, x, y, tr, prop, phi=None):
-        """One T-learner step (μ1 on treated rows, μ0 on control rows, IPW weights) and one DR
-        step on the pseudo-outcomes ``phi`` (computed here from the current μ unless given);
-        returns φ and the treatment share e used."""
+    def _uplift_update(self, num, cat, x, y, tr, prop, phi=None):
+        """One T-learner step (μ1 on treated rows of ``x``, μ0 on control rows of ``x0``, μ0's
+        view of them; IPW weights) and one DR step on the pseudo-outcomes ``phi`` (computed here
+        from the current μ unless given); returns φ and the treatment share e used."""
         models = self.bundle.models
+        x0 = self.bundle.design(num, cat, "mu0")
         w = self._weights(prop)
-        for name, m in (("mu1", tr), ("mu0", ~tr)):
+        for name, xm, m in (("mu1", x, tr), ("mu0", x0, ~tr)):
             if m.any():
                 wm = w[m] / w[m].mean()                # normalized IPW weights
-                models[name].learn(x[m], y[m], wm)
+                models[name].learn(xm[m], y[m], wm)
         e = None
         if phi is None:
             e = np.full(len(y), self.bundle.treatment_share)
             mu1 = _sigmoid(x @ models["mu1"].weights() + models["mu1"].intercept)
-            mu0 = _sigmoid(x @ models["mu0"].weights() + models["mu0"].intercept)
+            mu0 = _sigmoid(x0 @ models["mu0"].weights() + models["mu0"].intercept)
             t = tr.astype(float)
             phi = mu1 - mu0 + t * (y - mu1) / e - (1 - t) * (y - mu0) / (1 - e)
-        models["tau_dr"].learn(x, phi)
+        models["tau_dr"].learn(self.bundle.design(num, cat, "tau_dr"), phi)
         return phi, e
 
     def _finalize(self, clock) -> None:
@@ -784,7 +821,7 @@ class OnlineLearner:
                 e = b.e_used[idx]
                 t = tr.astype(float)
                 phi_f = b.phi_interim[idx] + (y - yi) * (t / e - (1 - t) / (1 - e))
-                self._uplift_update(x, y, tr, b.prop[idx], phi=phi_f)
+                self._uplift_update(b.num[idx], b.cat[idx], x, y, tr, b.prop[idx], phi=phi_f)
                 self._eval["conversion"].append((b.scores["conversion"][idx][tr],
                                                  b.scores["conversion_naive"][idx][tr], y[tr]))
                 self._eval["uplift"].append((b.scores["uplift"][idx], b.scores["uplift_dr"][idx], y, tr))
