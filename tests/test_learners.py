@@ -357,5 +357,9 @@ def test_control_model_ignores_the_unshown_creative_and_tau_sees_only_the_effect
     assert mu0[0] != mu0[2]                                    # placement: in μ0
     assert tau[0] != tau[1] and tau[0] != tau[2]               # the effect modifiers move τ
     assert tau[0] == tau[3]                                    # device, region, hour do not
+    # training derives each view from the full design rows: the same rows as designing it anew
+    x = b.design(num, cat)
+    for m in ("mu0", "tau_dr"):
+        assert np.array_equal(b.view(m, x, cat), b.design(num, cat, m))
     with pytest.raises(ValueError, match="effect modifiers"):
         OnlineLearner(effect_modifiers=("creative", "placement"))

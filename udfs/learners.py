@@ -406,6 +406,20 @@ class ModelBundle:
         keep_num, keep_fields = self._masks[name]
         return z * keep_num, cat[:, keep_fields]
 
+    def view(self, name: str, x: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """``design(num, cat, name)`` from the full design rows ``x`` of the same decisions: the
+        masked numeric columns zeroed, the left-out fields' one-hots taken off (no second
+        standardization; equal to the last bit)."""
+        keep_num, keep_fields = self._masks[name]
+        n_num = self.encoder.n_numeric
+        out = x.copy()
+        out[:, :n_num] *= keep_num
+        drop = np.setdiff1d(np.arange(cat.shape[1]), keep_fields)
+        if len(drop):
+            rows = np.repeat(np.arange(len(x)), len(drop))
+            np.subtract.at(out, (rows, n_num + cat[:, drop].ravel()), 1.0)
+        return out
+
     def design(self, num: np.ndarray, cat: np.ndarray, name: str | None = None) -> np.ndarray:
         """The dense rows the models train on (as model ``name`` sees them, if given)."""
         z, c = self._masked(name, self.standardize(num), cat)
@@ -773,17 +787,17 @@ class OnlineLearner:
         if tr.any():
             models["conversion"].learn(x[tr], y[tr])
             models["conversion_naive"].learn(x[tr], observed[tr])
-        phi, e = self._uplift_update(b.num[idx], b.cat[idx], x, y, tr, b.prop[idx])
+        phi, e = self._uplift_update(b.cat[idx], x, y, tr, b.prop[idx])
         b.y_interim[idx], b.phi_interim[idx], b.e_used[idx] = y, phi, e
         b.conv_trained[idx] = True
         self.totals["conversion_trained"] += len(idx)
 
-    def _uplift_update(self, num, cat, x, y, tr, prop, phi=None):
+    def _uplift_update(self, cat, x, y, tr, prop, phi=None):
         """One T-learner step (μ1 on treated rows of ``x``, μ0 on control rows of ``x0``, μ0's
         view of them; IPW weights) and one DR step on the pseudo-outcomes ``phi`` (computed here
         from the current μ unless given); returns φ and the treatment share e used."""
         models = self.bundle.models
-        x0 = self.bundle.design(num, cat, "mu0")
+        x0 = self.bundle.view("mu0", x, cat)
         w = self._weights(prop)
         for name, xm, m in (("mu1", x, tr), ("mu0", x0, ~tr)):
             if m.any():
@@ -796,7 +810,7 @@ class OnlineLearner:
             mu0 = _sigmoid(x0 @ models["mu0"].weights() + models["mu0"].intercept)
             t = tr.astype(float)
             phi = mu1 - mu0 + t * (y - mu1) / e - (1 - t) * (y - mu0) / (1 - e)
-        models["tau_dr"].learn(self.bundle.design(num, cat, "tau_dr"), phi)
+        models["tau_dr"].learn(self.bundle.view("tau_dr", x, cat), phi)
         return phi, e
 
     def _finalize(self, clock) -> None:
@@ -821,7 +835,7 @@ class OnlineLearner:
                 e = b.e_used[idx]
                 t = tr.astype(float)
                 phi_f = b.phi_interim[idx] + (y - yi) * (t / e - (1 - t) / (1 - e))
-                self._uplift_update(b.num[idx], b.cat[idx], x, y, tr, b.prop[idx], phi=phi_f)
+                self._uplift_update(b.cat[idx], x, y, tr, b.prop[idx], phi=phi_f)
                 self._eval["conversion"].append((b.scores["conversion"][idx][tr],
                                                  b.scores["conversion_naive"][idx][tr], y[tr]))
                 self._eval["uplift"].append((b.scores["uplift"][idx], b.scores["uplift_dr"][idx], y, tr))
