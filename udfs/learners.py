@@ -2,8 +2,8 @@
 Platt calibration, delayed-feedback conversion labels, a T-learner and a
 doubly-robust learner for uplift. Plain Python, numpy and river; no Flink.
 
-The models (all :class:`river.linear_model` GLMs, updated with ``learn_many`` on
-fixed-size mini-batches, AdaGrad steps):
+The models (all :class:`river.linear_model` GLMs, updated by river's mini-batch step
+``_fit`` on fixed-size mini-batches with numpy weights, AdaGrad steps):
 
 - ``ctr``: P(click | shown), treatment-arm decisions (the control arm is never
   shown), label final after ``click_window``; raw score s, served as
@@ -21,12 +21,16 @@ fixed-size mini-batches, AdaGrad steps):
   converted = negative), never corrected;
 - uplift, T-learner: ``mu1`` on treatment, ``mu0`` on control, same delayed
   labels, each example weighted by ``1/π`` (the logged propensity of the
-  creative, clipped, normalized per mini-batch); τ(x) = μ1(x) − μ0(x);
+  creative, clipped, normalized per mini-batch); τ(x) = μ1(x) − μ0(x). μ0
+  does not see the creative's fields and history: a holdout decision logs the
+  creative the policy chose but does not show it;
 - uplift, doubly robust: pseudo-outcome
   ``φ = μ1 − μ0 + T·(y − μ1)/e − (1 − T)·(y − μ0)/(1 − e)`` (e = share of the
   treatment arm, counted online), i.e. ``v_a = μ(x, a) + w·(y − μ(x, a))`` with
-  ``w = 1/P(a)``, regressed on x by a linear model ``tau_dr`` (trained again
-  like ``conversion`` when y becomes final, with the same μ and e: φ is linear in y).
+  ``w = 1/P(a)``, regressed by a linear model ``tau_dr`` on the effect
+  modifiers only (``effect_modifiers``: by default campaign and creative; the μ
+  models, its nuisance, see every feature), trained again like ``conversion``
+  when y becomes final, with the same μ and e (φ is linear in y).
 
 :class:`OnlineLearner` is the training loop that ``jobs/learner.py`` runs in a
 Flink operator, one hand-off slice at a time (test-then-train: every decision
