@@ -340,6 +340,9 @@ def test_encoder_is_deterministic_and_versioned():
     assert a.version == b.version and a.version != FeatureEncoder(buckets=64).version
     bundle = ModelBundle(a)
     assert set(bundle.score(df.iloc[0].to_dict()).columns) == {"ctr", "conversion", "uplift", "uplift_dr"}
+    # a request without its context is refused with the columns it lacks (features may be absent)
+    with pytest.raises(ValueError, match=r"missing: \['device', 'hour'\]"):
+        bundle.score(df.drop(columns=["device", "hour"]))
 
 
 def test_control_model_ignores_the_unshown_creative_and_tau_sees_only_the_effect_modifiers(synthetic):

@@ -150,6 +150,10 @@ class FeatureEncoder:
         enriched feature columns (absent columns count as missing)."""
         if not isinstance(df, pd.DataFrame):
             df = df.to_pandas()
+        context = sorted({g for f in self.FIELDS for g in (f if isinstance(f, tuple) else (f,))})
+        missing = [c for c in context if c not in df]
+        if missing:
+            raise ValueError(f"decision context columns missing: {missing} (needed: {context})")
         n = len(df)
         raw = np.full((n, len(self.raw_columns)), np.nan)
         for j, c in enumerate(self.raw_columns):
