@@ -81,6 +81,7 @@ def accuracy(cfg: Config, sim_dir) -> dict:
       interim labels, the naive observed rate, and the true rate
       ``mean(p_arm · (1 - exp(-λ·W)))`` (probability of a conversion within W).
     """
+    from udfs.delay import HOUR_MS
     from udfs.features import parse_duration
 
     W = parse_duration(cfg.features["conversion_window"])
@@ -88,7 +89,7 @@ def accuracy(cfg: Config, sim_dir) -> dict:
     truth = pd.read_parquet(os.path.join(sim_dir, "truth", "decisions.parquet")).set_index("decision_id")
     camps = pd.read_parquet(os.path.join(sim_dir, "truth", "campaigns.parquet")).set_index("campaign_id")
     dm = latest_delay_models(cfg).set_index("campaign_id")
-    delay = pd.DataFrame({"true_rate_per_hour": camps.delay_rate_per_ms * 3_600_000,
+    delay = pd.DataFrame({"true_rate_per_hour": camps.delay_rate_per_ms * HOUR_MS,
                           "estimated_rate_per_hour": dm.delay_rate_per_hour,
                           "conversions": dm.conversions}).dropna()
     delay["relative_error"] = delay.estimated_rate_per_hour / delay.true_rate_per_hour - 1

@@ -259,25 +259,18 @@ def run_learner(features_dir: Path, data: Path) -> dict:
 
 def run_learner_engine_only(cfg, features_dir: Path, truth, t0: int) -> dict:
     """OnlineLearner in process over the hand-off (reading the slices left out of the time)."""
-    import pandas as pd
-
-    from jobs.evaluate import ctr_quality
+    from jobs.evaluate import ctr_quality, learn_all
     from udfs.ingest import handoff_lines, read_handoff
     from udfs.learners import OnlineLearner
 
     slices = [read_handoff(line) for line in handoff_lines(features_dir)]
     lrn = OnlineLearner(**cfg.learner_params())
-    scores = []
     start = time.perf_counter()
-    for s in slices:
-        for _, sc, _ in lrn.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final):
-            if sc is not None:
-                scores.append(sc)
-    lrn.flush()
+    scores = learn_all(lrn, slices)
     seconds = time.perf_counter() - start
     n = lrn.totals["decisions"]
     return {"examples": n, "seconds": round(seconds, 2), "examples_per_second": round(n / seconds),
-            "trained": lrn.totals["trained"], "ctr": ctr_quality(pd.concat(scores), truth, t0)}
+            "trained": lrn.totals["trained"], "ctr": ctr_quality(scores, truth, t0)}
 
 
 def run_vowpal(cfg, features_dir: Path, truth, t0: int) -> dict:

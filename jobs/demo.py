@@ -159,10 +159,12 @@ def learner_report(cfg, sim_dir) -> dict:
     print(f"uplift       Qini T-learner {u['qini_t']:.5f} ({u['ratio_t']:.0%} of ranking by the true uplift "
           f"{u['qini_true_uplift']:.5f}), DR {u['qini_dr']:.5f} ({u['ratio_dr']:.0%}); ranking by each "
           f"creative's mean true uplift: {u['ratio_creative_mean_true_uplift']:.0%}")
+    from udfs.delay import HOUR_MS
+
     dec = pd.read_parquet(sim_dir / "truth" / "decisions.parquet")
     now = int(dec.event_time.max())
     req = dec.tail(4)[["user_id", "campaign_id", "creative_id"]].assign(
-        placement="feed", device="ios", region="eu", hour=int((now // 3_600_000) % 24))
+        placement="feed", device="ios", region="eu", hour=int((now // HOUR_MS) % 24))
     model, scores = score_requests(cfg, req, now)
     print("\n== serving: jobs.serving.load_latest_model() + features from Feast -> score ==")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):

@@ -19,7 +19,7 @@ import pandas as pd
 from udfs.features import parse_duration
 from udfs.metrics import auc, ece, log_loss, qini_coefficient
 
-__all__ = ["truth_labels", "job_scores", "oracle_scores", "vw_scores", "ctr_quality", "quality"]
+__all__ = ["truth_labels", "job_scores", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality"]
 
 
 def truth_labels(cfg, sim_dir) -> pd.DataFrame:
@@ -35,24 +35,33 @@ def job_scores(cfg) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
+def learn_all(learner, slices) -> pd.DataFrame:
+    """Hand-off slices (``udfs.ingest.HandoffSlice``) through ``learner`` in order, then its
+    flush, as the learner job does without Flink; the first-sight scores."""
+    out = []
+    for s in slices:
+        out += [sc for _, sc, _ in learner.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
+                if sc is not None]
+    learner.flush()
+    return pd.concat(out, ignore_index=True)
+
+
 def oracle_scores(cfg, truth: pd.DataFrame) -> pd.DataFrame:
     """The oracle learner over the features job's hand-off, labels from the truth."""
+    import dataclasses
+
     from udfs.ingest import handoff_lines, read_handoff
     from udfs.learners import OnlineLearner
 
     lab = truth.set_index("decision_id")[["true_click", "true_conversion"]]
+
+    def labelled(s):
+        if s.decisions is None:
+            return s
+        return dataclasses.replace(s, decisions=s.decisions.to_pandas().join(lab, on="decision_id"))
+
     lrn = OnlineLearner(**{**cfg.learner_params(), "labels": "oracle"})
-    out = []
-    for line in handoff_lines(cfg.data_dir):
-        s = read_handoff(line)
-        d = None
-        if s.decisions is not None:
-            d = s.decisions.to_pandas()
-            d = d.join(lab, on="decision_id")
-        for _, sc, _ in lrn.offer(s.seq, d, s.outcomes, s.clock, s.final):
-            if sc is not None:
-                out.append(sc)
-    return pd.concat(out, ignore_index=True)
+    return learn_all(lrn, (labelled(read_handoff(line)) for line in handoff_lines(cfg.data_dir)))
 
 
 def vw_scores(cfg, input_dir=None) -> tuple[pd.DataFrame, dict]:

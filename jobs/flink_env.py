@@ -103,13 +103,16 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
     gone)`` is kept incrementally: its parts (``part:<key>``) are put once and removed when
     gone, and ``restore_engine(core, parts)`` gets them back.
 
-    ``take(engine, line, timing) -> cuts``; ``publish(resources, cut, timing) -> str``;
+    ``take(engine, handoff_slice, timing) -> cuts`` (the line read by
+    ``udfs.ingest.read_handoff``); ``publish(resources, cut, timing) -> str``;
     ``setup() -> resources`` runs in ``open`` (tables, stores); ``new_engine()``,
     ``restore_engine(blob)``. The engine has ``next_seq``, ``snapshot()`` and ``flush() -> cuts``.
     """
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
     from pyflink.datastream.state import MapStateDescriptor
+
+    from udfs.ingest import read_handoff
 
     class ReplayedEngine(KeyedProcessFunction):
         def open(self, ctx):
@@ -132,7 +135,7 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
                 logged = sorted((int(k[4:]), v) for k, v in entries.items() if k.startswith("log:"))
                 self.logged = {seq for seq, _ in logged}
                 for _, line in logged:            # lines after the snapshot: cut their results again
-                    self._publish_all(take(self.engine, line, {"replayed": True}), {"replayed": True})
+                    self._publish_all(take(self.engine, read_handoff(line), {"replayed": True}), {"replayed": True})
             return self.engine
 
         def _publish_all(self, cuts, timing):
@@ -155,21 +158,18 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
         def process_element(self, value, ctx):
             self._out = []
             engine = self._engine()
-            seq = json.loads(value)["seq"]
-            if seq >= engine.next_seq:
-                self.state.put(f"log:{seq}", value)
-                self.logged.add(seq)
+            s = read_handoff(value)
+            if s.seq >= engine.next_seq:
+                self.state.put(f"log:{s.seq}", value)
+                self.logged.add(s.seq)
             timing = {}
-            cuts = take(engine, value, timing)
-            carry = self._carry
-            if not cuts:       # a line that cut nothing (it waits for a gap): its timing goes with the next cut
-                for k, v in timing.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        carry[k] = carry.get(k, 0) + v
-                self._carry = carry
-            elif carry:
-                timing = {**timing, **{k: round(timing.get(k, 0) + v, 3) for k, v in carry.items()}}
-                self._carry = {}
+            cuts = take(engine, s, timing)
+            # the timing of lines that cut nothing (waiting for a gap) adds up into the next cut's
+            for k, v in timing.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._carry[k] = round(self._carry.get(k, 0) + v, 3)
+            if cuts:
+                timing, self._carry = {**timing, **self._carry}, {}
             self._publish_all(cuts, timing)
             ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
             yield from self._out

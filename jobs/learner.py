@@ -94,10 +94,10 @@ def publish_snapshot(cfg: Config, table, snap, timing: dict | None = None) -> di
 
 def write_scores(cfg: Config, seq: int, scores) -> None:
     """The first-sight scores of a slice's decisions: ``<data>/scores/slice-N.parquet``."""
-    from jobs.sinks import _atomic_parquet
+    from jobs.sinks import atomic_parquet
 
     if scores is not None and len(scores):
-        _atomic_parquet(cfg.data_dir / "scores" / f"slice-{seq:08d}.parquet", scores)
+        atomic_parquet(cfg.data_dir / "scores" / f"slice-{seq:08d}.parquet", scores)
 
 
 def _learner_function(cfg: Config):
@@ -111,10 +111,7 @@ def _learner_function(cfg: Config):
         from jobs.iceberg_store import open_tables
         return open_tables(cfg)["learner_metrics"]
 
-    def take(learner, line, timing):
-        from udfs.ingest import read_handoff
-
-        s = read_handoff(line)
+    def take(learner, s, timing):
         t0 = time.perf_counter()
         results = learner.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
         timing["learner_s"] = round(time.perf_counter() - t0, 3)

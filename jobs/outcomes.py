@@ -70,10 +70,7 @@ def _engine_function(cfg: Config):
         from jobs.iceberg_store import open_tables
         return open_tables(cfg)
 
-    def take(engine, line, timing):
-        from udfs.ingest import read_handoff
-
-        s = read_handoff(line)
+    def take(engine, s, timing):
         t0 = time.perf_counter()
         epochs = engine.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final, s.quarantined)
         timing["engine_s"] = round(time.perf_counter() - t0, 3)

@@ -125,7 +125,7 @@ def features_from_feast(store, requests: pd.DataFrame, now_ms: int, half_lives=N
     ``creative_id``) from Feast's online store, decayed from each key's last event to ``now_ms``
     (Feast keeps a key's accumulators as of its last event), in the columns the learner reads."""
     from jobs.feast_store import view_name
-    from udfs.decay import rate
+    from udfs.decay import decay_to
     from udfs.features import ENTITY_COLUMNS, KEY_TYPES, feature_names, parse_duration
 
     if half_lives is None:
@@ -143,8 +143,7 @@ def features_from_feast(store, requests: pd.DataFrame, now_ms: int, half_lives=N
             ts = pd.to_datetime(got[f"{n}__ts"], utc=True) if f"{n}__ts" in got else None
             if ts is not None:
                 as_of = ts.astype("int64").to_numpy() // 1_000_000
-                hl = parse_duration(n.rsplit("_", 1)[1])
-                v = v * np.exp(-rate(hl) * np.maximum(now_ms - as_of, 0))
+                v = decay_to(v, as_of, np.maximum(now_ms, as_of), parse_duration(n.rsplit("_", 1)[1]))
             out[f"{kt}__{n}"] = v
     return out
 

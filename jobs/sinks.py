@@ -23,21 +23,24 @@ from jobs.config import Config
 from jobs.feast_store import write_offline, write_online
 from udfs.validation import reason_kind
 
-__all__ = ["atomic_write", "write_slice_files", "write_online_frames", "summarize", "read_enriched", "read_quarantine"]
+__all__ = ["atomic_write", "atomic_parquet", "write_slice_files", "write_online_frames", "summarize", "read_enriched", "read_quarantine"]
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a hidden file beside ``path``, then rename it into place: readers see
+    the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    write(tmp)
+    tmp.rename(path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.rename(path)
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
-def _atomic_parquet(path: Path, df) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.rename(path)
+def atomic_parquet(path: Path, df) -> None:
+    _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def write_online_frames(cfg: Config, store, seq: int, online: dict) -> dict:
@@ -58,7 +61,7 @@ def write_slice_files(cfg: Config, o) -> dict:
     for kind, df in (("enriched", o.enriched), ("attributed", o.attributed)):
         if df is not None and len(df):
             files[kind] = f"{kind}/{name}.parquet"
-            _atomic_parquet(data / files[kind], df)
+            atomic_parquet(data / files[kind], df)
     offline = {kt: len(df) for kt, df in o.features.items()}
     for kt, df in o.features.items():
         write_offline(cfg, kt, o.seq, df)

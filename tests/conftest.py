@@ -33,14 +33,58 @@ def hold_manifests(sim_dir, held):
     return sorted(Path(held).glob("slices-*.jsonl"))
 
 
-def announce(sim_dir, manifest_file):
-    """Announce one manifest file atomically, as a producer does."""
+def announce(folder, file):
+    """Announce ``file`` in the monitored ``folder`` atomically, as a producer does (a hidden
+    copy renamed into place)."""
     import os
     import shutil
 
-    tmp = Path(sim_dir) / "manifest" / ("." + manifest_file.name)
-    shutil.copy(manifest_file, tmp)
-    os.rename(tmp, tmp.with_name(manifest_file.name))
+    tmp = Path(folder) / ("." + file.name)
+    shutil.copy(file, tmp)
+    os.rename(tmp, tmp.with_name(file.name))
+
+
+def crash_and_restart(args, data, checkpoints, first, rest, folder, ready, done, env=None,
+                      timeout=120, settle=2.0, after_kill=None):
+    """A ``--follow`` job (``python -m <args...>``, output under ``data``) is handed the files
+    ``first`` (announced in ``folder``); once ``ready()`` holds and a checkpoint newer than the
+    one at that point is complete under ``data/checkpoints``, it is killed (SIGKILL); ``rest``
+    are announced and the job restarts from the newest retained checkpoint until ``done()``
+    (then ``settle`` seconds for anything more to come). Returns ``after_kill()``, called
+    between the two runs."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    def start(*extra):
+        return subprocess.Popen([sys.executable, "-m", *args, "--follow", *extra], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(proc, sig):
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    for f in first:
+        announce(folder, f)
+    proc = start()
+    try:
+        wait_for(ready)
+        wait_for_newer_checkpoint(data, checkpoints)
+    finally:
+        stop(proc, signal.SIGKILL)                                    # crash
+    seen = after_kill() if after_kill else None
+    checkpoint = completed_checkpoints(data, checkpoints)[-1]
+    for f in rest:
+        announce(folder, f)
+    proc = start("--from-checkpoint", str(checkpoint))
+    try:
+        wait_for(done, timeout=timeout)
+        time.sleep(settle)
+    finally:
+        stop(proc, signal.SIGTERM)
+    return seen
 
 
 def wait_for(cond, timeout=120):

@@ -67,6 +67,7 @@ def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluste
     store and Iceberg, and its last model is, digest for digest, the OnlineLearner run here in
     process over the same slices (training is deterministic)."""
     from jobs.analyst import read_table
+    from jobs.evaluate import learn_all
     from jobs.serving import list_versions, load_model
     from udfs.ingest import handoff_lines, read_handoff
     from udfs.learners import OnlineLearner
@@ -79,10 +80,7 @@ def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluste
     assert len(versions) >= 2
     assert sorted(read_table(cfg, "learner_metrics").version) == [m["version"] for m in versions]
     lrn = OnlineLearner(**cfg.learner_params())
-    for line in handoff_lines(submitted_features):
-        s = read_handoff(line)
-        lrn.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
-    lrn.flush()
+    learn_all(lrn, (read_handoff(line) for line in handoff_lines(submitted_features)))
     last = load_model(cfg.model_store, cfg.learner["model_id"], versions[-1]["version"])
     assert lrn.version == versions[-1]["version"]
     assert last.bundle.digest() == lrn.state_digest()

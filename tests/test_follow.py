@@ -31,7 +31,7 @@ def test_follow_takes_slices_as_they_arrive(tmp_path):
     try:
         cfg = cfg_for(data)
         for f in files:                      # announce a manifest file every 2 s
-            announce(sim, f)
+            announce(sim / "manifest", f)
             time.sleep(2)
         deadline = time.time() + 120
         s = None

@@ -2,24 +2,16 @@
 Iceberg, read back by pyiceberg and DuckDB; replay and restart from a checkpoint."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import completed_checkpoints, wait_for, wait_for_newer_checkpoint
+from conftest import crash_and_restart
 from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-W = 7 * 86_400_000
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +61,13 @@ def test_every_decision_once_and_counts_reconcile(pipeline):
 
 def test_labels_final_exactly_when_the_window_closed(pipeline):
     from jobs.analyst import read_table
+    from udfs.features import parse_duration
 
     cfg, sim, _, outcomes = pipeline
     out = read_table(cfg, "outcome")
     clock = outcomes["last_epoch"]
     t = out.decision_time.astype("int64") // 1000
+    W = parse_duration(cfg.features["conversion_window"])
     is_final = clock - t >= W
     assert ((out.label_status == "final") == is_final).all()
     assert is_final.any() and (~is_final).any()
@@ -132,48 +126,21 @@ def test_restart_from_a_checkpoint_midway_gives_the_tables_of_a_clean_run(pipeli
 
     cfg, _, _, _ = pipeline
     clean = table_snapshot(cfg)
-    feat = cfg.data_dir
-    handoffs = sorted((feat / "handoff").glob("slice-*.json"))
-    inp = tmp_path / "input"
+    handoffs = sorted((cfg.data_dir / "handoff").glob("slice-*.json"))
+    inp, run_dir = tmp_path / "input", tmp_path / "run"
     (inp / "handoff").mkdir(parents=True)
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "STREAMLIFT_PATHS__DATA_DIR": str(run_dir)}
-
-    def start(*extra):
-        return subprocess.Popen([sys.executable, "-m", "jobs.outcomes", "--input", str(inp), "--follow", *extra],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-
-    def announce(f):
-        tmp = inp / "handoff" / ("." + f.name)
-        shutil.copy(f, tmp)
-        os.rename(tmp, inp / "handoff" / f.name)
 
     def epochs_done():
         return sorted((run_dir / "outcomes").glob("epoch-*.json")) if (run_dir / "outcomes").exists() else []
 
     half = len(handoffs) // 2
-    for f in handoffs[:half]:
-        announce(f)
-    proc = start()
-    try:
-        wait_for(lambda: len(epochs_done()) >= 3)
-        wait_for_newer_checkpoint(run_dir, "checkpoints-outcomes")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    first_run = {p.name for p in epochs_done()}
-    checkpoint = completed_checkpoints(run_dir, "checkpoints-outcomes")[-1]
-    for f in handoffs[half:]:
-        announce(f)
-    proc = start("--from-checkpoint", str(checkpoint))
     last = json.loads(handoffs[-1].read_text())["clock"]
-    try:
-        wait_for(lambda: (run_dir / "outcomes" / f"epoch-{last}.json").exists(), timeout=180)
-        time.sleep(2)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    first_run = crash_and_restart(
+        ["jobs.outcomes", "--input", str(inp)], run_dir, "checkpoints-outcomes", handoffs[:half], handoffs[half:],
+        inp / "handoff", ready=lambda: len(epochs_done()) >= 3,
+        done=lambda: (run_dir / "outcomes" / f"epoch-{last}.json").exists(),
+        env={"STREAMLIFT_PATHS__DATA_DIR": str(run_dir)}, timeout=180,
+        after_kill=lambda: {p.name for p in epochs_done()})
     assert len({p.name for p in epochs_done()}) > len(first_run)
     rcfg = cfg_for(run_dir)
     got = {name: read_table(rcfg, name).sort_values(key, ignore_index=True)
@@ -265,47 +232,20 @@ def test_learner_restart_from_a_checkpoint_gives_the_models_of_an_uninterrupted_
     clean_stats = [json.loads(p.read_text()) for p in sorted((cfg.data_dir / "learner").glob("snapshot-*.json"))]
     target = max(s["version"] for s in clean_stats if not s["timing"].get("end_of_input"))
     handoffs = sorted((cfg.data_dir / "handoff").glob("slice-*.json"))
-    inp = tmp_path / "input"
+    inp, run_dir = tmp_path / "input", tmp_path / "run"
     (inp / "handoff").mkdir(parents=True)
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "STREAMLIFT_PATHS__DATA_DIR": str(run_dir)}
-
-    def start(*extra):
-        return subprocess.Popen([sys.executable, "-m", "jobs.learner", "--input", str(inp), "--follow", *extra],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-
-    def announce(f):
-        tmp = inp / "handoff" / ("." + f.name)
-        shutil.copy(f, tmp)
-        os.rename(tmp, inp / "handoff" / f.name)
 
     def snapshots_done():
         d = run_dir / "learner"
         return sorted(d.glob("snapshot-*.json")) if d.exists() else []
 
     half = len(handoffs) // 2
-    for f in handoffs[:half]:
-        announce(f)
-    proc = start()
-    try:
-        wait_for(lambda: len(snapshots_done()) >= 3)
-        wait_for_newer_checkpoint(run_dir, "checkpoints-learner")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    before_kill = len(snapshots_done())
+    before_kill = crash_and_restart(
+        ["jobs.learner", "--input", str(inp)], run_dir, "checkpoints-learner", handoffs[:half], handoffs[half:],
+        inp / "handoff", ready=lambda: len(snapshots_done()) >= 3,
+        done=lambda: (run_dir / "learner" / f"snapshot-{target:06d}.json").exists(),
+        env={"STREAMLIFT_PATHS__DATA_DIR": str(run_dir)}, timeout=180, after_kill=lambda: len(snapshots_done()))
     assert 3 <= before_kill < target
-    checkpoint = completed_checkpoints(run_dir, "checkpoints-learner")[-1]
-    for f in handoffs[half:]:
-        announce(f)
-    proc = start("--from-checkpoint", str(checkpoint))
-    try:
-        wait_for(lambda: (run_dir / "learner" / f"snapshot-{target:06d}.json").exists(), timeout=180)
-        time.sleep(2)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
     store = cfg_for(run_dir).model_store
     got = {m["version"]: m for m in list_versions(store, model_id)}
     assert sorted(got) == list(range(1, target + 1))

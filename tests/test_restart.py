@@ -1,29 +1,15 @@
 """A crash and a restart from the last retained checkpoint give the outputs of an
 uninterrupted run: every slice exactly once, the same enriched decisions."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import json
 
 import pandas as pd
 import pytest
 
-from conftest import announce, completed_checkpoints, hold_manifests, read_slices, wait_for, \
-    wait_for_newer_checkpoint
+from conftest import crash_and_restart, hold_manifests, read_slices
 from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start(sim, data, *extra):
-    return subprocess.Popen([sys.executable, "-m", "jobs.features", "--input", str(sim), "--data-dir",
-                             str(data), "--follow", *extra], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "STREAMLIFT_FEATURES__SNAPSHOT_EVERY": "2"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def slice_stats(data):
@@ -41,26 +27,11 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
     half = len(files) // 2
     data = tmp_path / "run"
 
-    for f in files[:half]:
-        announce(sim, f)
-    proc = start(sim, data)
-    try:
-        wait_for(lambda: len(slice_stats(data)) >= half)
-        wait_for_newer_checkpoint(data)                                           # one after the first half
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)                                       # crash
-        proc.wait(timeout=30)
-    checkpoint = completed_checkpoints(data)[-1]
-
-    for f in files[half:]:
-        announce(sim, f)
-    proc = start(sim, data, "--from-checkpoint", str(checkpoint))
-    try:
-        wait_for(lambda: len(slice_stats(data)) >= len(files))
-        time.sleep(3)          # nothing more may come
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    crash_and_restart(["jobs.features", "--input", str(sim), "--data-dir", str(data)], data, "checkpoints",
+                      files[:half], files[half:], sim / "manifest",
+                      ready=lambda: len(slice_stats(data)) >= half,
+                      done=lambda: len(slice_stats(data)) >= len(files),
+                      env={"STREAMLIFT_FEATURES__SNAPSHOT_EVERY": "2"}, settle=3)    # nothing more may come
 
     # the uninterrupted reference: the engine over every slice, no end of input
     cfg = cfg_for(data)
@@ -79,8 +50,6 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
     assert s["slices"] == len(files)
     # the second run did restore the engine from the checkpoint's state (a fresh engine
     # starts from empty state and records nothing here)
-    import json
-
     restored = [json.loads(f.read_text())["timing"].get("restored_from_seq") for f in slice_stats(data)]
     assert any(r is not None for r in restored), restored
     assert s["events_in"] == s["processed"] + s["quarantined"] + s["pending"]

@@ -55,19 +55,16 @@ class VowpalCTR:
     def lines(self, df: pd.DataFrame) -> list[str]:
         """VW text features (no label) of decision rows, built column-wise with Arrow compute
         (zero-valued numeric features left out, as VW's own input writers do)."""
-        num, _ = self.encoder.encode(df)
+        num = self.encoder.numeric(df)
         parts = [pa.scalar(" |n")]
         for j in range(num.shape[1]):
             col = pa.array(num[:, j])
             text = pc.binary_join_element_wise(pa.scalar(str(j)), pc.cast(col, pa.string()), ":")
             parts.append(pc.if_else(pc.equal(col, 0), pa.scalar(""), text))
         parts.append(pa.scalar("|c"))
-        for f in self.encoder.FIELDS:
-            fields = f if isinstance(f, tuple) else (f,)
-            vals = [pc.cast(pa.array(df[g].to_numpy()), pa.string()) for g in fields]
-            v = vals[0] if len(vals) == 1 else pc.binary_join_element_wise(*vals, "^")
-            v = pc.replace_substring_regex(v, r"[\s|:]", "_")
-            parts.append(pc.binary_join_element_wise(pa.scalar("*".join(fields) + "="), v, ""))
+        for name, values in self.encoder.field_values(df):          # the CTR model's fields and crosses
+            v = pc.replace_substring_regex(pa.array(values, pa.string()), r"[\s|:]", "_")
+            parts.append(pc.binary_join_element_wise(pa.scalar(name + "="), v, ""))
         return pc.binary_join_element_wise(*parts, " ").to_pylist()
 
     def offer(self, decisions=None, outcomes=None, clock: int | None = None) -> pd.DataFrame | None:

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["interim_label", "ExponentialCureModel", "CampaignDelayModels"]
+__all__ = ["interim_label", "ExponentialCureModel", "CampaignDelayModels", "HOUR_MS"]
+
+HOUR_MS = 3_600_000     # the models' time unit: delays, elapsed times and λ are per hour
 
 
 def interim_label(p, lam, elapsed, window=None):

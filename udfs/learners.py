@@ -51,14 +51,13 @@ import xxhash
 from river import linear_model, optim
 
 from schemas import CONTRACTS
-from udfs.delay import CampaignDelayModels, interim_label
+from udfs.delay import HOUR_MS, CampaignDelayModels, interim_label
 from udfs.features import KEY_TYPES, feature_names, parse_duration
 from udfs.metrics import FeatureSummary, auc, drift, ece, log_loss, qini_coefficient
 
 __all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "Ring", "BatchLogisticRegression", "BatchLinearRegression",
            "OnlineGLM", "OnlinePlatt", "ModelBundle", "OnlineLearner", "Snapshot", "MODEL_NAMES"]
 
-HOUR_MS = parse_duration("1h")
 CLIP_Z = 6.0
 MODEL_NAMES = ("ctr", "conversion", "conversion_naive", "mu1", "mu0", "tau_dr")
 EFFECT_MODIFIERS = ("campaign_id", "creative_id")   # default fields of the uplift regression τ_dr
@@ -98,6 +97,7 @@ class FeatureEncoder:
         names += [f"{r}:{kt}_{h}" for kt in KEY_TYPES for h in self.half_lives for r in ("ctr", "cvr")]
         self.numeric_names = names
         self.field_names = ["*".join(f) if isinstance(f, tuple) else f for f in self.FIELDS]
+        self.context_columns = sorted({g for f in self.FIELDS for g in (f if isinstance(f, tuple) else (f,))})
         self._cache = {}
 
     def unshown_mask(self) -> tuple[np.ndarray, np.ndarray]:
@@ -145,15 +145,39 @@ class FeatureEncoder:
             b[i] = h
         return b[codes]
 
+    def _frame(self, df) -> pd.DataFrame:
+        """``df`` as a DataFrame, refused (ValueError) without its decision context."""
+        if not isinstance(df, pd.DataFrame):
+            df = df.to_pandas()
+        missing = [c for c in self.context_columns if c not in df]
+        if missing:
+            raise ValueError(f"decision context columns missing: {missing} (needed: {self.context_columns})")
+        return df
+
     def encode(self, df) -> tuple[np.ndarray, np.ndarray]:
         """``df``: a DataFrame (or pyarrow Table) with the decision context and, where known, the
         enriched feature columns (absent columns count as missing)."""
-        if not isinstance(df, pd.DataFrame):
-            df = df.to_pandas()
-        context = sorted({g for f in self.FIELDS for g in (f if isinstance(f, tuple) else (f,))})
-        missing = [c for c in context if c not in df]
-        if missing:
-            raise ValueError(f"decision context columns missing: {missing} (needed: {context})")
+        df = self._frame(df)
+        cat = np.empty((len(df), len(self.FIELDS)), np.int32)
+        for j, (name, values) in enumerate(self.field_values(df)):
+            cat[:, j] = self._bucket(name, values)
+        return self.numeric(df), cat
+
+    def field_values(self, df: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+        """(field name, value of each row as text) per categorical field; a cross joins its
+        fields' values with "|"."""
+        out = []
+        for f, name in zip(self.FIELDS, self.field_names):
+            parts = f if isinstance(f, tuple) else (f,)
+            values = df[parts[0]].astype(str).to_numpy(dtype=object)
+            for g in parts[1:]:
+                values = values + "|" + df[g].astype(str).to_numpy(dtype=object)
+            out.append((name, values))
+        return out
+
+    def numeric(self, df) -> np.ndarray:
+        """The numeric block (float32) of decision rows."""
+        df = self._frame(df)
         n = len(df)
         raw = np.full((n, len(self.raw_columns)), np.nan)
         for j, c in enumerate(self.raw_columns):
@@ -171,17 +195,7 @@ class FeatureEncoder:
             rates[:, 0::2] = (clk + 0.05) / (imp + 1.0)
             rates[:, 1::2] = (cnv + 0.01) / (imp + 1.0)
             parts.append(rates)
-        num = np.hstack(parts).astype(np.float32)
-        cat = np.empty((n, len(self.FIELDS)), np.int32)
-        for j, (f, name) in enumerate(zip(self.FIELDS, self.field_names)):
-            if isinstance(f, tuple):
-                vals_f = df[f[0]].astype(str).to_numpy(dtype=object)
-                for g in f[1:]:
-                    vals_f = vals_f + "|" + df[g].astype(str).to_numpy(dtype=object)
-            else:
-                vals_f = df[f].astype(str).to_numpy(dtype=object)
-            cat[:, j] = self._bucket(name, vals_f)
-        return num, cat
+        return np.hstack(parts).astype(np.float32)
 
     def dense(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
         """One row per decision: the numeric block (as given: standardize it first) and the
@@ -264,22 +278,20 @@ class BatchLinearRegression(_ArrayBatch, linear_model.LinearRegression):
 
 class OnlineGLM:
     """A river GLM over the dense encoded features, fed in mini-batches of ``batch_size`` rows:
-    AdaGrad (or Adam) steps with learning rate ``lr`` for the weights, plain SGD steps
+    AdaGrad steps with learning rate ``lr`` for the weights, plain SGD steps
     (``intercept_lr``) for the intercept, which then settles on the base rate within a few dozen
     mini-batches."""
 
     def __init__(self, kind: str, n_features: int, lr: float, l2: float, batch_size: int,
-                 intercept_lr: float, optimizer: str = "adagrad"):
-        opt = VectorAdaGrad(lr) if optimizer == "adagrad" else optim.Adam(lr)
+                 intercept_lr: float):
         if kind == "logistic":
-            self.model = BatchLogisticRegression(optimizer=opt, loss=SoftLog(), l2=l2,
+            self.model = BatchLogisticRegression(optimizer=VectorAdaGrad(lr), loss=SoftLog(), l2=l2,
                                                  intercept_lr=intercept_lr)
         else:
-            self.model = BatchLinearRegression(optimizer=opt, l2=l2, intercept_lr=intercept_lr)
+            self.model = BatchLinearRegression(optimizer=VectorAdaGrad(lr), l2=l2, intercept_lr=intercept_lr)
         self.kind = kind
         self.n_features = int(n_features)
         self.batch_size = int(batch_size)
-        self.n_seen = 0
 
     def weights(self) -> np.ndarray:
         return self.model.weight_array(self.n_features)
@@ -293,7 +305,6 @@ class OnlineGLM:
         y = np.asarray(y, float)
         for i in range(0, len(x), b):
             self.model.learn_array(x[i:i + b], y[i:i + b], 1.0 if w is None else w[i:i + b])
-        self.n_seen += len(x)
 
 
 class Ring:
@@ -415,9 +426,8 @@ class ModelBundle:
         return z * keep_num, cat[:, keep_fields]
 
     def view(self, name: str, x: np.ndarray, cat: np.ndarray) -> np.ndarray:
-        """``design(num, cat, name)`` from the full design rows ``x`` of the same decisions: the
-        masked numeric columns zeroed, the left-out fields' one-hots taken off (no second
-        standardization; equal to the last bit)."""
+        """Model ``name``'s rows (:meth:`_masked`, as it scores) from the full design rows ``x``:
+        the masked numeric columns zeroed, the left-out fields' one-hots taken off."""
         keep_num, keep_fields = self._masks[name]
         n_num = self.encoder.n_numeric
         out = x.copy()
@@ -428,10 +438,9 @@ class ModelBundle:
             np.subtract.at(out, (rows, n_num + cat[:, drop].ravel()), 1.0)
         return out
 
-    def design(self, num: np.ndarray, cat: np.ndarray, name: str | None = None) -> np.ndarray:
-        """The dense rows the models train on (as model ``name`` sees them, if given)."""
-        z, c = self._masked(name, self.standardize(num), cat)
-        return self.encoder.dense(z, c)
+    def design(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        """The dense rows the models train on (model ``name`` sees ``view(name, ...)`` of them)."""
+        return self.encoder.dense(self.standardize(num), cat)
 
     def digest(self) -> str:
         """A hash of every model's weights and intercept, the calibrator and the scaler: equal
@@ -542,15 +551,6 @@ class OnlineLearner:
         effect_modifiers = tuple(effect_modifiers or EFFECT_MODIFIERS)
         if labels not in ("delayed", "oracle"):
             raise ValueError(f"labels must be 'delayed' or 'oracle', not {labels!r}")
-        self.params = dict(half_lives=tuple(half_lives), click_window=click_window,
-                           conversion_window=conversion_window, label_wait=label_wait,
-                           refit_every=refit_every, snapshot_every=snapshot_every,
-                           snapshot_examples=snapshot_examples, buckets=buckets, lr=lr, l2=l2,
-                           batch_size=batch_size, intercept_lr=intercept_lr,
-                           dr_intercept_lr=dr_intercept_lr, calibration_window=calibration_window,
-                           ipw_clip=ipw_clip, prior_strength=prior_strength, fit_sample=fit_sample,
-                           drift_threshold=drift_threshold, model_id=model_id, labels=labels,
-                           effect_modifiers=effect_modifiers)
         self.click_window = parse_duration(click_window)
         self.window = parse_duration(conversion_window)
         self.wait = 0 if labels == "oracle" else max(parse_duration(label_wait), self.click_window)
@@ -896,9 +896,6 @@ class OnlineLearner:
         return snap
 
     # ------------------------------------------------------------------ state
-    def held_rows(self) -> int:
-        return sum(len(b) for b in self.blocks)
-
     def pending(self) -> dict:
         """Rows scored but not (yet) trained, per stage."""
         return {"untrained": int(sum((~b.trained).sum() for b in self.blocks)),

@@ -55,13 +55,12 @@ import pandas as pd
 import pyarrow as pa
 
 from schemas import table_contract
-from udfs.delay import ExponentialCureModel, interim_label
+from udfs.delay import HOUR_MS, ExponentialCureModel, interim_label
 from udfs.features import parse_duration
 
 __all__ = ["OutcomeEngine", "Epoch", "DAY_MS", "DECISION_COLUMNS"]
 
 DAY_MS = parse_duration("1d")      # day partitions (UTC days since the epoch, as Iceberg's day transform)
-HOUR_MS = parse_duration("1h")     # the delay model works in hours
 _KIND_RANK = {"click": 0, "conversion": 1}
 GLOBAL = "*"
 
