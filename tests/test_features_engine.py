@@ -137,6 +137,14 @@ def test_arrival_order_within_lateness_gives_identical_results(small_sim):
             np.testing.assert_allclose(e[did], row, rtol=1e-9, equal_nan=True)
 
 
+def _apply(state, delta):
+    for k, v in delta.items():
+        if v is None:
+            state.pop(k, None)
+        else:
+            state[k] = v
+
+
 def test_restore_from_state_midway_equals_uninterrupted(small_sim):
     slices = read_slices(small_sim)
     full, full_outs = run_engine(slices, snapshot_every=3)
@@ -144,21 +152,16 @@ def test_restore_from_state_midway_equals_uninterrupted(small_sim):
     half += half % 3 == 0                # not on a snapshot boundary
     eng = FeatureEngine(**PARAMS, snapshot_every=3)
     state = {}
-    first = []
     for s in slices[:half]:
-        first += eng.offer(s.seq, s.batches, s.lines, s.quarantined)
-        for k, v in eng.state_delta().items():
-            if v is None:
-                state.pop(k, None)
-            else:
-                state[k] = v
-    restored = FeatureEngine.restore(state)
-    assert "core" in state and any(k.startswith("wait:") for k in state)   # snapshot + logged slices
+        eng.offer(s.seq, s.batches, s.lines, s.quarantined)
+        _apply(state, eng.state_delta())
+    # a snapshot plus the slices logged since (the write-ahead log), in both stages
+    assert {"attr0/core", "acc0/core"} <= set(state)
+    assert any(k.startswith("attr0/log:") for k in state) and any(k.startswith("acc0/log:") for k in state)
+    restored = FeatureEngine.restore(state, **PARAMS, snapshot_every=3)
+    assert restored.next_seq == half     # the logged slices were taken again, their outputs not repeated
     _, rest = run_engine(slices[half:], engine=restored)
-    # the logged slices since the snapshot are processed again, with the same outputs
-    replayed = [o for o in rest if o.seq < half]
-    assert replayed and all(o.enriched.equals(full_outs[o.seq].enriched) for o in replayed)
-    rest = [o for o in rest if o.seq >= half]
+    assert rest[0].seq == half
     assert_features_equal(engine_features(restored),
                           {kt: {k: {**{c: v for c, v in vals.items() if c != "event_timestamp"},
                                     "as_of": vals["event_timestamp"].value // 1_000_000}
@@ -170,6 +173,86 @@ def test_restore_from_state_midway_equals_uninterrupted(small_sim):
         assert x.equals(y)
     # a slice already taken is ignored when it is delivered again (replay)
     assert restored.offer(0, slices[0].batches) == []
+
+
+def test_restore_under_another_spec_is_refused(small_sim):
+    from udfs.spec import SpecMismatch
+
+    slices = read_slices(small_sim)
+    eng = FeatureEngine(**PARAMS, snapshot_every=1)
+    state = {}
+    for s in slices[:2]:
+        eng.offer(s.seq, s.batches, s.lines, s.quarantined)
+        _apply(state, eng.state_delta())
+    with pytest.raises(SpecMismatch, match=r"half_lives: state \['1h', '1d', '7d'\], now \['1h', '2d'\]"):
+        FeatureEngine.restore(state, **{**PARAMS, "half_lives": ("1h", "2d")}, snapshot_every=1)
+    with pytest.raises(SpecMismatch, match="version: state v1, now v2"):
+        FeatureEngine.restore(state, **PARAMS, snapshot_every=1, spec_version="v2")
+    FeatureEngine.restore(state, **PARAMS, snapshot_every=1)      # the same spec restores
+
+
+def _outputs_table(outs):
+    """Every output of a run, as comparable frames (enriched, attributed, offline, quarantine)."""
+    import pandas as pd
+
+    def cat(frames, by):
+        frames = [f for f in frames if f is not None and len(f)]
+        return pd.concat(frames, ignore_index=True).sort_values(by, ignore_index=True) if frames else None
+
+    tables = {"enriched": cat([o.enriched for o in outs], ["decision_id"]),
+              "attributed": cat([o.attributed for o in outs], ["event_id"])}
+    for kt in KEY_TYPES:
+        ents = list(ENTITY_COLUMNS[kt])
+        tables[f"offline:{kt}"] = cat([o.features.get(kt) for o in outs], ents + ["event_timestamp"])
+        tables[f"online:{kt}"] = cat([o.online.get(kt) for o in outs], ents + ["event_timestamp"])
+    tables["quarantine"] = [(o.seq, q[0], q[2], repr(q[1])) for o in outs for q in o.quarantine]
+    tables["counts"] = [(o.seq, o.counts["in"], o.counts["processed"], o.counts["pending"], o.clock) for o in outs]
+    return tables
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_engine_equals_one_shard(small_sim, shards):
+    """Any number of attribution and accumulator shards gives the same outputs, slice by
+    slice, bit for bit (the landmark and the clock are shared)."""
+    import pandas as pd
+
+    slices = read_slices(small_sim)
+    one, outs1 = run_engine(slices, online_every=2)
+    many, outs_n = run_engine(slices, online_every=2, shards=shards)
+    assert [o.seq for o in outs1] == [o.seq for o in outs_n]
+    a, b = _outputs_table(outs1), _outputs_table(outs_n)
+    for name in a:
+        if isinstance(a[name], pd.DataFrame):
+            pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+        else:
+            assert a[name] == b[name], name
+    for x, y in zip(outs1, outs_n):        # per slice too (the hand-off is per slice)
+        if x.enriched is not None:
+            pd.testing.assert_frame_equal(x.enriched, y.enriched, check_exact=True)
+    for kt in KEY_TYPES:
+        pd.testing.assert_frame_equal(one.feature_values(kt), many.feature_values(kt), check_exact=True)
+    # every shard did part of the work
+    for stage in (many.routers, many.accs):
+        assert all(s.next_seq == one.next_seq for s in stage)
+    assert all(len(acc.tables["user"]) > 0 for acc in many.accs)
+
+
+def test_sharded_restore_midway(small_sim):
+    slices = read_slices(small_sim)
+    _, full_outs = run_engine(slices, shards=2, snapshot_every=3)
+    eng = FeatureEngine(**PARAMS, shards=2, snapshot_every=3)
+    state = {}
+    for s in slices[:4]:
+        eng.offer(s.seq, s.batches, s.lines, s.quarantined)
+        _apply(state, eng.state_delta())
+    restored = FeatureEngine.restore(state, **PARAMS, shards=2, snapshot_every=3)
+    _, rest = run_engine(slices[4:], engine=restored)
+    for x, y in zip(full_outs[4:], rest):
+        assert x.seq == y.seq
+        if x.enriched is not None:
+            assert x.enriched.equals(y.enriched)
+    with pytest.raises(ValueError, match="parallelism"):
+        FeatureEngine.restore(state, **PARAMS, shards=3, snapshot_every=3)
 
 
 def test_pickle_round_trip_and_determinism(small_sim):
@@ -199,10 +282,10 @@ def test_slices_out_of_sequence_wait_and_survive_a_restore(small_sim):
         return outs
 
     assert offer(slices[1]) == [] and offer(slices[2]) == []      # slice 0 has not come yet
-    assert sorted(k for k in state if k.startswith("wait:")) == ["wait:1", "wait:2"]
+    assert sorted(k for k in state if k.startswith("attr0/log:")) == ["attr0/log:1:0", "attr0/log:2:0"]
     eng = FeatureEngine.restore(state, **PARAMS, snapshot_every=1)   # crash while they wait
     outs = offer(slices[0])
-    assert [o.seq for o in outs] == [0, 1, 2] and not any(k.startswith("wait:") for k in state)
+    assert [o.seq for o in outs] == [0, 1, 2] and not any("/log:" in k for k in state)
     _, _ = run_engine(slices[3:], engine=eng)
     for kt in KEY_TYPES:
         assert eng.feature_values(kt).equals(in_order.feature_values(kt))
