@@ -29,7 +29,7 @@ Subclasses implement ``_take(seq, payloads) -> outputs``, ``_finish() -> outputs
 ...     def _params(self): return {"parts": self.parts, "snapshot_every": self.snapshot_every}
 ...     def _take(self, seq, payloads): self.total += sum(payloads); return [(seq, self.total)]
 ...     def _core(self): return self.total
-...     def _load_core(self, core): self.total = core
+...     def _load_core(self, core, parts): self.total = core
 >>> s = Sum(parts=2)
 >>> s.offer(1, 0, 10), s.offer(0, 1, 1), s.offer(0, 0, 2), s.offer(1, 1, 20)
 ([], [], [(0, 3)], [(1, 33)])
