@@ -146,6 +146,7 @@ class SliceStage(ABC):
         """The stage as of ``entries`` (the accumulated :meth:`state_delta`). ``params``, when
         given, are this run's constructor arguments: a snapshot made under parameters the stage
         cannot continue from is refused (:meth:`_check_restore`)."""
+        entries = {k: v for k, v in entries.items() if v is not None}     # deletions
         logs = sorted((tuple(int(x) for x in k.split(":")[1:]), v)
                       for k, v in entries.items() if k.startswith("log:"))
         if "core" in entries:
