@@ -1,28 +1,35 @@
-"""features: decayed per-key accumulators into Feast, and decisions enriched point-in-time.
+"""features: decayed per-key accumulators into Feast, and decisions enriched point-in-time,
+sharded by key at the configured parallelism P (``parallelism.default``, ``flink run -p``,
+or ``STREAMLIFT_FLINK__PARALLELISM``).
 
 ::
 
     FileSource(<input>/manifest)          one JSON line per slice (bounded, or --follow)
       │ str
-      ▼ read-validate        [Python, parallel]  read the slice's files, validate against schemas/
-      │ pickled Slice                            (bad records -> quarantine with a reason)
+      ▼ read-validate       [Python × P]   read the slice's files, validate against schemas/ (bad records
+      │                                    -> quarantine), split into one column batch per attribution
+      │ (shard, ReaderPart)                shard by hash(decision_id), each with the slice's max event time
       ▼ key_by(shard)
-      ▼ features-engine      [Python, keyed]     udfs.features.FeatureEngine: dedupe, watermark,
-      │                                          join, decayed accumulators, enrichment;
-      │                                          MapState holds the engine (snapshot + input log);
-      │                                          writes enriched decisions + offline features
-      │ pickled online rows                      (Parquet), quarantine (JSONL), stats
-      ▼ feast-online         [Python]            Feast online store, every online_every slices
+      ▼ attribution         [Python × P]   udfs.attribution: dedupe, lateness, release at the shared clock,
+      │                                    clicks/conversions ⋈ decision; state: MapState (log + snapshot)
+      ├── (shard, AccPart) ─► key_by(shard)
+      │   ▼ accumulate      [Python × P]   udfs.accumulate: decayed sums per key, point-in-time enrichment
+      │   ├── side output (shard, online rows) ─► key_by(shard) ─► feast-online [Python × P]
+      │   ▼ (seq, AccOut)                                         Feast online store, conflated per key
+      ├── side output (seq, RouterOut)
+      ▼ union ─► key_by(seq) ─► merge-write [Python × P]  udfs.features.merge_slice: per slice, once every
+                                                         shard's part is in: enriched decisions, attributed
+                                                         outcomes, offline features, quarantine, stats, hand-off
 
-Python is entered once per slice (tens of thousands of events), never once per
-event. All sink files are named by slice sequence number, and Feast writes never
-replace a newer row, so a replay or a restart from a checkpoint leaves the
-outputs as a clean run would.
+Python is entered once per slice and shard, never once per event. Every shard gets a part
+of every slice, so the shards advance together on one clock, and the outputs do not depend
+on P (tested at 1 and 2, on the mini-cluster and on a standalone cluster with two
+TaskManagers). State is per shard: change P with a new run.
 
     python -m jobs.features --input data/sim            # bounded backfill, then exit
     python -m jobs.features --input data/sim --follow   # keep watching for new slices
     python -m jobs.features --input data/sim --follow --from-checkpoint data/checkpoints/<job>/chk-N
-    flink run -py jobs/features.py --pyFiles schemas,udfs,jobs -- --input ...   (see Makefile)
+    flink run -p 2 -py jobs/features.py --pyFiles schemas,udfs,jobs -- --input ...   (see Makefile)
 """
 
 from __future__ import annotations
@@ -38,90 +45,119 @@ if __package__ in (None, ""):  # run as a file by `flink run -py jobs/features.p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.config import Config, load_for_cli  # noqa: E402
-from jobs.flink_env import END_OF_INPUT_TIMER  # noqa: E402
+from jobs.flink_env import END_OF_INPUT_TIMER, shard_keys, stage_function  # noqa: E402
 
 __all__ = ["build", "run", "read_validate"]
 
-def read_validate(manifest_line: str) -> bytes:
+
+def read_validate(manifest_line: str, shards: int) -> list:
+    """One manifest line -> ``[(shard, pickled ReaderPart)]``, one per attribution shard."""
+    from udfs.features import split_slice
     from udfs.ingest import read_slice
 
-    return pickle.dumps(read_slice(manifest_line), protocol=5)
+    t0 = time.perf_counter()
+    s = read_slice(manifest_line, as_frames=True)
+    parts = split_slice(s.seq, s.batches, s.lines, s.quarantined, shards)
+    parts[0].timing = {"read_s": round(time.perf_counter() - t0, 3)}
+    return [(i, pickle.dumps(p, protocol=5)) for i, p in enumerate(parts)]
 
 
-def _engine_function(cfg: Config):
+def build(env, cfg: Config, input_dir: Path, follow: bool = False):
+    """Wire the job into ``env``; returns the stream of per-slice stats (JSON strings)."""
     from pyflink.common import Types
+    from pyflink.datastream import FlatMapFunction, MapFunction, OutputTag
+
+    from jobs.flink_env import line_source, on_cluster, parallelism
+    from udfs.accumulate import AccPart, AccumulatorStage
+    from udfs.attribution import AttributionStage
+    from udfs.features import FeatureEngine
+    from udfs.spec import FeatureSpec
+
+    p = parallelism(cfg, env)
+    env.set_parallelism(p)      # PyFlink's key_by adds a Python map at the default parallelism
+    spec = FeatureSpec.from_config(cfg)
+    params = {**cfg.engine_params(), "shards": p}
+    template = FeatureEngine(**params, spec=spec)            # the stages' constructor arguments
+    def keyed_type():        # a fresh one per use: an OutputTag pickles its type, not a Java object
+        return Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()])
+
+    keyed = keyed_type()
+    keys = shard_keys(p, env)                                 # shard -> a key Flink sends to subtask shard
+    shard_of_key = {k: s for s, k in enumerate(keys)}
+    to_merge = OutputTag("to-merge", keyed_type())
+    to_online = OutputTag("to-online", keyed_type())
+
+    def group(stream, name):
+        # locally, each step in its own slot sharing group: its own Python worker process, so
+        # reading, the engine and the writers use both cores; on a cluster, the platform's slots
+        return stream if on_cluster() else stream.slot_sharing_group(name)
+
+    class ReadValidate(FlatMapFunction):
+        def flat_map(self, value):
+            for shard, blob in read_validate(value, p):
+                yield keys[shard], blob
+
+    def attribution_take(stage, blob, timing):
+        part = pickle.loads(blob)
+        t0 = time.perf_counter()
+        outs = stage.offer(part.seq, 0, part)
+        timing["attribution_s"] = round(time.perf_counter() - t0, 3)
+        timing.update(getattr(part, "timing", {}) or {})
+        return outs
+
+    def attribution_emit(out, timing):
+        for j, tables in enumerate(out.to_acc):
+            yield None, (keys[j], pickle.dumps(AccPart(out.seq, out.clock, out.final, tables, out.shard),
+                                                 protocol=5))
+        out.to_acc = []
+        out.timing.update(timing)
+        yield to_merge, (out.seq, pickle.dumps(("r", out.shard, out), protocol=5))
+
+    def accumulate_take(stage, blob, timing):
+        part = pickle.loads(blob)
+        t0 = time.perf_counter()
+        outs = stage.offer(part.seq, part.source, part)
+        timing["accumulate_s"] = round(time.perf_counter() - t0, 3)
+        return outs
+
+    def accumulate_emit(out, timing):
+        if out.online and cfg.feast["write_online"]:
+            yield to_online, (keys[out.shard], pickle.dumps((out.seq, out.shard, out.online), protocol=5))
+        out.online = {}
+        out.timing.update(timing)
+        yield None, (out.seq, pickle.dumps(("a", out.shard, out), protocol=5))
+
     from pyflink.datastream import KeyedProcessFunction
     from pyflink.datastream.state import MapStateDescriptor
 
-    from udfs.features import FeatureEngine
-
-    params = cfg.engine_params()
-
-    class EngineFunction(KeyedProcessFunction):
-        """Runs one FeatureEngine per key (shard); its state lives in a MapState.
-
-        The slice's files (enriched decisions, offline features, quarantine, stats)
-        are written here, where the output is, rather than shipped to another
-        operator; only the conflated online rows go on to the Feast writer.
-        """
-
+    class Merge(KeyedProcessFunction):
         def open(self, ctx):
-            self.state = ctx.get_map_state(MapStateDescriptor(
-                "engine", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            self.engine = None
-            self.restored_from = None
-
-        def _engine(self):
-            if self.engine is None:
-                entries = dict(self.state.items())
-                self.engine = (FeatureEngine.restore(entries, **params) if entries
-                               else FeatureEngine(**params))
-                self.restored_from = self.engine.next_seq if entries else None
-            return self.engine
-
-        def _persist(self):
-            for key, blob in self.engine.state_delta().items():
-                if blob is None:
-                    self.state.remove(key)
-                else:
-                    self.state.put(key, blob)
-
-        def _emit(self, outs, timing):
-            from jobs.sinks import write_slice_files
-
-            for o in outs:
-                o.counts["timing"] = timing
-                write_slice_files(cfg, o)
-                if o.online and cfg.feast["write_online"]:
-                    yield pickle.dumps((o.seq, o.online), protocol=5)
+            self.state = ctx.get_map_state(MapStateDescriptor("parts", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
 
         def process_element(self, value, ctx):
+            from jobs.sinks import write_slice_files
+            from udfs.features import merge_slice
+
+            seq, blob = value
+            kind, shard, _ = pickle.loads(blob)
+            name = f"{seq}:{kind}:{shard}"
+            if self.state.contains(name):
+                return
+            self.state.put(name, blob)
+            names = [f"{seq}:{k}:{s}" for k in "ra" for s in range(p)]
+            if not all(self.state.contains(n) for n in names):
+                return
+            parts = [pickle.loads(self.state.get(n))[2] for n in names]
             t0 = time.perf_counter()
-            s = pickle.loads(value)
-            eng = self._engine()
-            t1 = time.perf_counter()
-            outs = eng.offer(s.seq, s.batches, s.lines, s.quarantined)
-            t2 = time.perf_counter()
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            timing = {"engine_load_s": round(t1 - t0, 3), "engine_s": round(t2 - t1, 3)}
-            if self.restored_from is not None and outs:   # first output after a restore from state
-                timing["restored_from_seq"], self.restored_from = self.restored_from, None
-            yield from self._emit(outs, timing)
-            self._persist()     # after the outputs: a crash in between replays them, idempotently
-
-        def on_timer(self, timestamp, ctx):
-            outs = self._engine().flush()
-            yield from self._emit(outs, {})
-            self._persist()
-
-    return EngineFunction()
-
-
-def _online_function(cfg: Config):
-    from pyflink.datastream import MapFunction
+            out = merge_slice(spec, parts[:p], parts[p:])
+            out.counts["timing"]["merge_s"] = round(time.perf_counter() - t0, 3)
+            stats = write_slice_files(cfg, out)
+            for n in names:
+                self.state.remove(n)
+            yield json.dumps(stats)
 
     class OnlineWriter(MapFunction):
-        """Feast online writes (the store keeps the newest row per key)."""
+        """Feast online writes of one accumulator shard (the store keeps the newest row per key)."""
 
         def open(self, ctx):
             from jobs.feast_store import open_store
@@ -131,35 +167,33 @@ def _online_function(cfg: Config):
         def map(self, value):
             from jobs.sinks import write_online_frames
 
-            seq, online = pickle.loads(value)
-            return json.dumps(write_online_frames(cfg, self.store, seq, online))
+            seq, shard, online = pickle.loads(value[1])
+            return json.dumps(write_online_frames(cfg, self.store, seq, online, shard=shard))
 
-    return OnlineWriter()
-
-
-def build(env, cfg: Config, input_dir: Path, follow: bool = False):
-    """Wire the job into ``env``; returns the stream of per-slice stats (JSON strings)."""
-    from pyflink.common import Types
-
-    from jobs.flink_env import line_source
-
-    manifests = line_source(env, Path(input_dir) / "manifest", follow, "slice-manifests") \
-        .slot_sharing_group("read")
-    shards = int(cfg.flink["engine_shards"])
-    # each step in its own slot sharing group: its own task slot, so its own Python
-    # worker process (Python operators sharing a slot share one interpreter and its GIL)
-    slices = (manifests
-              .map(read_validate, output_type=Types.PICKLED_BYTE_ARRAY())
-              .name("read-validate").uid("read-validate").slot_sharing_group("read"))
-    outputs = (slices
-               .key_by(lambda b: 0 if shards == 1 else pickle.loads(b).seq % shards, key_type=Types.INT())
-               .process(_engine_function(cfg), output_type=Types.PICKLED_BYTE_ARRAY())
-               .name("features-engine").uid("features-engine").set_parallelism(shards)
-               .slot_sharing_group("engine"))
-    stats = (outputs
-             .map(_online_function(cfg), output_type=Types.STRING())
-             .name("feast-online").uid("feast-online").set_parallelism(1).slot_sharing_group("sinks"))
-    return stats
+    manifests = group(line_source(env, Path(input_dir) / "manifest", follow, "slice-manifests"), "read")
+    parts = group(manifests.flat_map(ReadValidate(), output_type=keyed)
+                  .name("read-validate").uid("read-validate").set_parallelism(p), "read")
+    attributed = group(parts.key_by(lambda t: t[0], key_type=Types.INT())
+                       .process(stage_function("attribution", AttributionStage,
+                                               lambda key: template.router_params(shard_of_key[key]),
+                                               attribution_take, attribution_emit, flush_at_end=True),
+                                output_type=keyed_type())
+                       .name("attribution").uid("attribution").set_parallelism(p), "engine")
+    accumulated = group(attributed.key_by(lambda t: t[0], key_type=Types.INT())
+                        .process(stage_function("accumulate", AccumulatorStage,
+                                                lambda key: template.acc_params(shard_of_key[key]),
+                                                accumulate_take, accumulate_emit),
+                                 output_type=keyed_type())
+                        .name("accumulate").uid("accumulate").set_parallelism(p), "engine")
+    merged = group(attributed.get_side_output(to_merge).union(accumulated)
+                   .key_by(lambda t: keys[t[0] % p], key_type=Types.INT())
+                   .process(Merge(), output_type=Types.STRING())
+                   .name("merge-write").uid("merge-write").set_parallelism(p), "sinks")
+    online = group(accumulated.get_side_output(to_online)
+                   .key_by(lambda t: t[0], key_type=Types.INT())
+                   .map(OnlineWriter(), output_type=Types.STRING())
+                   .name("feast-online").uid("feast-online").set_parallelism(p), "sinks")
+    return merged.union(online)
 
 
 def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | None = None) -> dict:

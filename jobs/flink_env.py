@@ -14,7 +14,8 @@ import yaml
 from jobs.config import ROOT, Config
 
 __all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate",
-           "replayed_engine", "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER"]
+           "replayed_engine", "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER", "parallelism",
+           "on_cluster", "shard_keys", "flink_subtask_of", "stage_function"]
 
 #: the event-time timer jobs flush on: it fires only when the final watermark passes (bounded input ended)
 END_OF_INPUT_TIMER = 2 ** 62
@@ -63,6 +64,125 @@ def job_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict | N
 
         return StreamExecutionEnvironment.get_execution_environment()
     return stream_env(cfg, checkpoint_dir=checkpoint_dir, overrides=overrides)
+
+
+def on_cluster() -> bool:
+    """Submitted with ``flink run`` (``jobs.cluster`` sets STREAMLIFT_ON_CLUSTER)."""
+    return bool(os.environ.get("STREAMLIFT_ON_CLUSTER"))
+
+
+def parallelism(cfg: Config, env) -> int:
+    """Parallelism of the sharded stages: ``flink.parallelism`` when set (> 0), else the
+    environment's default (``parallelism.default`` of the profile, or ``flink run -p``)."""
+    p = int(cfg.flink.get("parallelism") or 0)
+    return p if p > 0 else max(1, int(env.get_parallelism()))
+
+
+def _murmur(code: int) -> int:
+    """Flink's ``MathUtils.murmurHash(int)`` (32-bit arithmetic)."""
+    m = 0xFFFFFFFF
+
+    def rotl(x, r):
+        return ((x << r) | (x >> (32 - r))) & m
+
+    code &= m
+    code = (code * 0xCC9E2D51) & m
+    code = rotl(code, 15)
+    code = (code * 0x1B873593) & m
+    code = rotl(code, 13)
+    code = (code * 5 + 0xE6546B64) & m
+    code ^= 4
+    code ^= code >> 16                       # bitMix
+    code = (code * 0x85EBCA6B) & m
+    code ^= code >> 13
+    code = (code * 0xC2B2AE35) & m
+    code ^= code >> 16
+    signed = code - (1 << 32) if code & 0x80000000 else code
+    if signed >= 0:
+        return signed
+    return -signed if signed != -(1 << 31) else 0
+
+
+def flink_subtask_of(key: int, parallelism: int, max_parallelism: int = 128) -> int:
+    """The subtask Flink routes an ``Integer`` key to (``KeyGroupRangeAssignment``)."""
+    key_group = _murmur(key) % max_parallelism
+    return key_group * parallelism // max_parallelism
+
+
+def shard_keys(p: int, env=None) -> list[int]:
+    """For each shard 0..p-1, the smallest int key Flink sends to subtask ``shard``: keyed by
+    these, the shards land on distinct subtasks (hash partitioning of 0..p-1 would put some on
+    the same one).
+
+    >>> keys = shard_keys(4)
+    >>> [flink_subtask_of(k, 4) for k in keys]
+    [0, 1, 2, 3]
+    """
+    max_p = 128
+    if env is not None and int(env.get_max_parallelism()) > 0:
+        max_p = int(env.get_max_parallelism())
+    keys, k = [None] * p, 0
+    while None in keys:
+        s = flink_subtask_of(k, p, max_p)
+        if keys[s] is None:
+            keys[s] = k
+        k += 1
+    return keys
+
+
+def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush_at_end: bool = False):
+    """A keyed function running one :class:`udfs.stage.SliceStage` per key (shard), its state a
+    MapState of the stage's :meth:`state_delta` entries.
+
+    ``take(stage, value, timing) -> outputs`` hands the element to the stage;
+    ``emit(output, timing)`` yields ``(None, element)`` for the main output or ``(tag, element)``
+    for a side output. With ``flush_at_end`` the stage is flushed when the input ends (the
+    final watermark). Outputs of slices taken again on a restore are not emitted twice
+    (``SliceStage.restore``).
+    """
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction
+    from pyflink.datastream.state import MapStateDescriptor
+
+    class StageFunction(KeyedProcessFunction):
+        def open(self, ctx):
+            self.state = ctx.get_map_state(MapStateDescriptor(state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+            self.stages = {}
+
+        def _stage(self, key):
+            if key not in self.stages:
+                entries = dict(self.state.items())
+                params = params_for_key(key)
+                self.stages[key] = stage_cls.restore(entries, **params) if entries else stage_cls(**params)
+            return self.stages[key]
+
+        def _persist(self, stage):
+            for k, v in stage.state_delta().items():
+                if v is None:
+                    self.state.remove(k)
+                else:
+                    self.state.put(k, v)
+
+        def _out(self, outs, timing):
+            for o in outs:
+                for tag, element in emit(o, timing):
+                    yield element if tag is None else (tag, element)
+
+        def process_element(self, value, ctx):
+            stage = self._stage(ctx.get_current_key())
+            timing = {}
+            outs = take(stage, value[1], timing)
+            if flush_at_end:
+                ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
+            yield from self._out(outs, timing)
+            self._persist(stage)      # after the outputs: a crash in between replays them, idempotently
+
+        def on_timer(self, timestamp, ctx):
+            stage = self._stage(ctx.get_current_key())
+            yield from self._out(stage.flush(), {})
+            self._persist(stage)
+
+    return StageFunction()
 
 
 def line_source(env, folder: Path, follow: bool, uid: str):

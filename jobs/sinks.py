@@ -43,12 +43,14 @@ def atomic_parquet(path: Path, df) -> None:
     _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
-def write_online_frames(cfg: Config, store, seq: int, online: dict) -> dict:
-    """Feast online writes of one emission; their counts go to stats/online-<seq>.json."""
+def write_online_frames(cfg: Config, store, seq: int, online: dict, shard: int = 0) -> dict:
+    """Feast online writes of one emission of one accumulator shard; their counts go to
+    stats/online-<seq>-<shard>.json."""
     t0 = time.perf_counter()
     rows = {kt: write_online(store, kt, df) for kt, df in online.items()}
-    stats = {"seq": seq, "online_rows": rows, "online_s": round(time.perf_counter() - t0, 3)}
-    atomic_write(cfg.data_dir / "stats" / f"online-{seq:08d}.json", json.dumps(stats).encode())
+    stats = {"seq": seq, "shard": shard, "online_rows": rows, "online_s": round(time.perf_counter() - t0, 3),
+             "written_at_ms": int(time.time() * 1000)}
+    atomic_write(cfg.data_dir / "stats" / f"online-{seq:08d}-{shard:03d}.json", json.dumps(stats).encode())
     return stats
 
 

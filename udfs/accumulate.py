@@ -44,6 +44,7 @@ class AccPart:
     clock: int | None
     final: bool
     tables: dict          # key type -> DataFrame (udfs.attribution.ACC_COLUMNS + entity columns) or None
+    source: int = 0       # the attribution shard it comes from (its part number)
 
 
 @dataclass

@@ -242,7 +242,7 @@ class FeatureEngine:
         for r in router_outs:
             self._r_outs.setdefault(r.seq, []).append(r)
             for j, acc in enumerate(self.accs):
-                for a in acc.offer(r.seq, r.shard, AccPart(r.seq, r.clock, r.final, r.to_acc[j])):
+                for a in acc.offer(r.seq, r.shard, AccPart(r.seq, r.clock, r.final, r.to_acc[j], r.shard)):
                     self._a_outs.setdefault(a.seq, []).append(a)
         done = []
         for seq in sorted(self._r_outs):

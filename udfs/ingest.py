@@ -40,7 +40,9 @@ def manifest_lines(input_dir) -> list[str]:
     return [line for f in files for line in f.read_text().splitlines() if line]
 
 
-def read_slice(manifest_line: str | bytes) -> Slice:
+def read_slice(manifest_line: str | bytes, as_frames: bool = False) -> Slice:
+    """Read and validate the files of one slice; with ``as_frames`` each stream's valid records
+    come as one pandas DataFrame in contract columns instead of a list of tuples."""
     m = orjson.loads(manifest_line)
     root = Path(m.get("root", "."))
     batches, lines, bad = {}, {}, []
@@ -50,7 +52,12 @@ def read_slice(manifest_line: str | bytes) -> Slice:
         raw = [l for l in path.read_bytes().split(b"\n") if l.strip()]
         cols, q = validator.parse_lines(raw)
         names = validator.contract.field_names
-        batches[stream] = list(zip(*(cols[n] for n in names)))
+        if as_frames:
+            import pandas as pd
+
+            batches[stream] = pd.DataFrame({n: cols[n] for n in names})
+        else:
+            batches[stream] = list(zip(*(cols[n] for n in names)))
         lines[stream] = len(raw)
         bad.extend((stream, l.decode("utf-8", "replace"), r) for l, r in q)
     return Slice(seq=int(m["seq"]), batches=batches, lines=lines, quarantined=bad)
