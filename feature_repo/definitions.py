@@ -1,9 +1,16 @@
-"""Feast definitions of streamlift: entities, feature views (``*_v1``) and push sources.
+"""Feast definitions of streamlift: entities, feature views and push sources.
 
-The feature names and the entity columns come from ``udfs.features`` and the
-half-lives from ``streamlift.yaml``: nothing is written twice. Each view's
-values are the decayed accumulators *as of* ``event_timestamp`` (the key's last
-event time); a reader decays them to query time with ``udfs.decay.decay_to``.
+Everything is built from a :class:`udfs.spec.FeatureSpec` handed in
+(:func:`build`): the view names (``spec.view_name``, e.g. ``user_features_v1``),
+the feature names and their descriptions, the entities (each key type's entity
+columns are its join keys); nothing is named here. Each view's values are the
+decayed accumulators *as of* ``event_timestamp`` (the key's last event time); a
+reader decays them to query time with ``udfs.decay.decay_to``.
+
+``jobs.feast_store.open_store`` applies ``build(FeatureSpec.from_config(cfg), ...)``
+of the run's config. The feast CLI (``feast -c feature_repo apply``) collects the
+module's attributes instead: for it, the objects of ``streamlift.yaml``'s spec
+are built once at import (:data:`SPEC`, :data:`OBJECTS`) and bound by name.
 """
 
 import sys
@@ -16,52 +23,58 @@ from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType 
 from feast.types import Float64  # noqa: E402
 
 from jobs.config import load as load_config  # noqa: E402
-from udfs.features import ENTITY_COLUMNS, KEY_TYPES, feature_names  # noqa: E402
+from udfs.spec import FeatureSpec  # noqa: E402
 
-_cfg = load_config()
-HALF_LIVES = tuple(_cfg.features["half_lives"])
-OFFLINE_DIR = _cfg.data_dir / "offline"
-VERSION = "v1"
-
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="Pseudonymous user (keyed hash).")
-campaign = Entity(name="campaign", join_keys=["campaign_id"], value_type=ValueType.STRING, description="Ad campaign.")
-creative = Entity(name="creative", join_keys=["creative_id"], value_type=ValueType.STRING, description="Ad creative.")
-_ENTITY = {"user_id": user, "campaign_id": campaign, "creative_id": creative}
-
-_DOC = {"impressions": "treatment-arm decisions", "clicks": "attributed clicks",
-        "conversions": "attributed conversions"}
+#: Feast entity of an entity column: (name, description). A column not listed here is an
+#: entity named after the column without its ``_id``.
+ENTITY_DOC = {"user_id": ("user", "Pseudonymous user (keyed hash)."),
+              "campaign_id": ("campaign", "Ad campaign."),
+              "creative_id": ("creative", "Ad creative.")}
 
 
-def _view(key_type: str, offline_dir=OFFLINE_DIR):
-    name = f"{key_type}_features_{VERSION}"
-    batch = FileSource(name=f"{name}_offline", path=str(Path(offline_dir) / name),
-                       timestamp_field="event_timestamp")
-    push = PushSource(name=f"{name}_push", batch_source=batch)
-    fields = [Field(name=f, dtype=Float64,
-                    description=f"decayed count of {_DOC[f.split('_')[0]]}, half-life {f.rsplit('_', 1)[1]},"
-                                " as of event_timestamp")
-              for f in feature_names(HALF_LIVES)]
-    view = FeatureView(name=name, entities=[_ENTITY[c] for c in ENTITY_COLUMNS[key_type]],
-                       ttl=timedelta(days=30), schema=fields, source=push, online=True,
-                       description=f"Exponentially decayed accumulators per {key_type.replace('_', ' x ')}.")
-    return push, view
+def entities(spec: FeatureSpec) -> dict:
+    """entity column (join key) -> Entity, for every entity column of the spec's key types."""
+    out = {}
+    for kt in spec.key_types:
+        for col in kt.entities:
+            if col not in out:
+                name, doc = ENTITY_DOC.get(col, (col.removesuffix("_id"), col))
+                out[col] = Entity(name=name, join_keys=[col], value_type=ValueType.STRING, description=doc)
+    return out
 
 
-def build(offline_dir) -> list:
-    """All objects, with the offline store under ``offline_dir`` (a run's data dir)."""
-    objs = [user, campaign, creative]
-    for kt in KEY_TYPES:
-        push, view = _view(kt, offline_dir)
+def views(spec: FeatureSpec, offline_dir, entity_of: dict | None = None) -> dict:
+    """key type -> (push source, feature view), the offline store under ``offline_dir``."""
+    entity_of = entities(spec) if entity_of is None else entity_of
+    out = {}
+    for kt in spec.key_types:
+        name = spec.view_name(kt.name)
+        batch = FileSource(name=f"{name}_offline", path=str(Path(offline_dir) / name),
+                           timestamp_field="event_timestamp")
+        push = PushSource(name=f"{name}_push", batch_source=batch)
+        fields = [Field(name=f, dtype=Float64, description=spec.describe_feature(f)) for f in spec.feature_names()]
+        per = kt.description or "per " + kt.name.replace("_", " x ")
+        view = FeatureView(name=name, entities=[entity_of[c] for c in spec.entities(kt.name)],
+                           ttl=timedelta(days=30), schema=fields, source=push, online=True,
+                           description=f"Exponentially decayed accumulators {per}.")
+        out[kt.name] = (push, view)
+    return out
+
+
+def build(spec: FeatureSpec, offline_dir) -> list:
+    """All objects of ``spec`` (entities, then each key type's push source and view), with the
+    offline store under ``offline_dir`` (a run's data dir)."""
+    entity_of = entities(spec)
+    objs = list(entity_of.values())
+    for push, view in views(spec, offline_dir, entity_of).values():
         objs += [push, view]
     return objs
 
 
-user_features_push, user_features_v1 = _view("user")
-user_campaign_features_push, user_campaign_features_v1 = _view("user_campaign")
-campaign_creative_features_push, campaign_creative_features_v1 = _view("campaign_creative")
-
-VIEWS = {"user": user_features_v1, "user_campaign": user_campaign_features_v1,
-         "campaign_creative": campaign_creative_features_v1}
-assert set(VIEWS) == set(KEY_TYPES)
-OBJECTS = [user, campaign, creative, user_features_push, user_campaign_features_push,
-           campaign_creative_features_push, *VIEWS.values()]
+# ----------------------------------------------------------------------------- for the feast CLI
+_cfg = load_config()
+SPEC = FeatureSpec.from_config(_cfg)
+OBJECTS = build(SPEC, _cfg.data_dir / "offline")
+# the feast CLI collects the Feast objects among the module's attributes (not inside lists)
+assert not {o.name for o in OBJECTS} & set(globals()), "a Feast object's name shadows a module attribute"
+globals().update({o.name: o for o in OBJECTS})

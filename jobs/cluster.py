@@ -46,7 +46,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _env() -> dict:
+def _env(slots: int | None = None) -> dict:
     env = dict(os.environ)
     home = flink_home()
     conf = Path("/tmp/streamlift-cluster/conf")
@@ -58,6 +58,8 @@ def _env() -> dict:
     # the distribution's defaults (JVM --add-opens for Java 17, ...) overlaid with ours
     merged = _flatten(yaml.safe_load((home / "conf" / "config.yaml").read_text()))
     merged.update(_flatten(yaml.safe_load((ROOT / "flink-conf" / "cluster" / "config.yaml").read_text())))
+    if slots is not None:
+        merged["taskmanager.numberOfTaskSlots"] = int(slots)
     (conf / "config.yaml").write_text(yaml.safe_dump(merged, default_flow_style=False))
     log_dir = Path("/tmp/streamlift-cluster/log")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -80,28 +82,42 @@ def rest_ready(timeout: float = 0) -> dict | None:
         time.sleep(1)
 
 
-def up(timeout: float = 90) -> dict:
+def up(timeout: float = 90, taskmanagers: int = 1, slots: int | None = None) -> dict:
+    """Start a JobManager and ``taskmanagers`` TaskManagers (``slots`` task slots each, default
+    from flink-conf/cluster); returns the REST overview once every TaskManager registered."""
     home = flink_home()
     for script in home.glob("bin/*.sh"):
         script.chmod(script.stat().st_mode | 0o111)
-    subprocess.run(["bash", str(home / "bin" / "start-cluster.sh")], env=_env(), check=True)
-    ov = rest_ready(timeout)
-    if ov is None:
-        raise RuntimeError(f"Flink cluster did not come up within {timeout}s; logs in /tmp/streamlift-cluster/log")
-    return ov
+    env = _env(slots)
+    subprocess.run(["bash", str(home / "bin" / "start-cluster.sh")], env=env, check=True)
+    for _ in range(taskmanagers - 1):
+        subprocess.run(["bash", str(home / "bin" / "taskmanager.sh"), "start"], env=env, check=True)
+    deadline = time.time() + timeout
+    while True:
+        ov = rest_ready(max(0.0, deadline - time.time()))
+        if ov is not None and ov.get("taskmanagers", 0) >= taskmanagers:
+            return ov
+        if time.time() >= deadline:
+            raise RuntimeError(f"Flink cluster did not come up with {taskmanagers} TaskManagers within "
+                               f"{timeout}s; logs in /tmp/streamlift-cluster/log")
+        time.sleep(1)
 
 
 def down() -> None:
     home = flink_home()
-    subprocess.run(["bash", str(home / "bin" / "stop-cluster.sh")], env=_env(), check=False)
+    env = _env()
+    subprocess.run(["bash", str(home / "bin" / "taskmanager.sh"), "stop-all"], env=env, check=False)
+    subprocess.run(["bash", str(home / "bin" / "stop-cluster.sh")], env=env, check=False)
 
 
-def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = None,
+           parallelism: int | None = None) -> subprocess.CompletedProcess:
+    """``flink run [-p parallelism] -py jobs/<job>.py``; waits for a bounded job to finish."""
     home = flink_home()
     env = _env()
     env["STREAMLIFT_ON_CLUSTER"] = "1"
     env["STREAMLIFT_PATHS__DATA_DIR"] = str(Path(data_dir).resolve())
-    cmd = ["bash", str(home / "bin" / "flink"), "run",
+    cmd = ["bash", str(home / "bin" / "flink"), "run", *(["-p", str(parallelism)] if parallelism else []),
            "-py", str(ROOT / "jobs" / f"{job}.py"),
            "-pyfs", ",".join(str(ROOT / p) for p in ("schemas", "udfs", "jobs")),
            "-pyexec", sys.executable, "-pyclientexec", sys.executable,
@@ -116,15 +132,18 @@ def main(argv=None) -> None:
     p.add_argument("--job", default="features")
     p.add_argument("--input")
     p.add_argument("--data-dir")
+    p.add_argument("--taskmanagers", type=int, default=1, help="TaskManagers to start (up)")
+    p.add_argument("--slots", type=int, help="task slots per TaskManager (up; default flink-conf/cluster)")
+    p.add_argument("-p", "--parallelism", type=int, help="job parallelism (submit; default parallelism.default)")
     a = p.parse_args(argv)
     if a.action == "up":
-        print(json.dumps(up()))
+        print(json.dumps(up(taskmanagers=a.taskmanagers, slots=a.slots)))
     elif a.action == "down":
         down()
     elif a.action == "status":
         print(json.dumps(rest_ready()))
     else:
-        r = submit(a.job, a.input, a.data_dir)
+        r = submit(a.job, a.input, a.data_dir, parallelism=a.parallelism)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr[-5000:])
         sys.exit(r.returncode)

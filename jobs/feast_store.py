@@ -2,7 +2,8 @@
 
 Feast's SQLite online store overwrites a row whatever its event time, so the
 repo uses ``jobs.feast_sqlite.GuardedSqliteOnlineStore``, which never replaces a
-row with an older one (Redis behaves so natively). Offline, each slice
+row with an older one (on Redis, ``jobs.feast_redis`` writes Feast's layout with
+that rule checked atomically on the server). Offline, each slice
 becomes one Parquet file ``<data>/offline/<view>/slice-NNNNNNNN.parquet`` with a
 deterministic name, so a replayed slice rewrites its own file instead of adding
 a copy; the views' ``FileSource`` reads that folder.
@@ -58,7 +59,9 @@ def open_store(cfg: Config, apply: bool = True):
         warnings.simplefilter("ignore", DeprecationWarning)
         store = FeatureStore(config=repo_config(cfg))
         if apply:
-            store.apply(definitions(cfg).build(cfg.data_dir / "offline"))
+            from udfs.spec import FeatureSpec
+
+            store.apply(definitions(cfg).build(FeatureSpec.from_config(cfg), cfg.data_dir / "offline"))
     return store
 
 
@@ -75,9 +78,12 @@ def _entity_keys(view, df: pd.DataFrame):
 def write_online(store, key_type: str, df: pd.DataFrame) -> int:
     """Write feature rows to the online store; returns the rows handed to it.
 
-    The store itself keeps the newest row per key (Redis natively, SQLite through
-    ``jobs.feast_sqlite``), so an older row never replaces a newer one. Rows go to
-    the provider's ``online_write_batch`` as protos: Feast's DataFrame path
+    An older row never replaces a newer one. On Redis (``online_store.type: redis``)
+    the rows go through ``jobs.feast_redis``: Feast's layout, written by one Lua script
+    per batch that compares event times on the server (atomic under concurrent
+    writers; an equal event time rewrites, so a replay is a no-op in effect). On
+    SQLite the store's upsert keeps the newest row (``jobs.feast_sqlite``); rows go
+    to the provider's ``online_write_batch`` as protos: Feast's DataFrame path
     converts value by value through pandas, about twice as slow.
     """
     if df is None or df.empty:
@@ -85,6 +91,11 @@ def write_online(store, key_type: str, df: pd.DataFrame) -> int:
     from feast.protos.feast.types.Value_pb2 import Value
 
     view = store.get_feature_view(view_name(key_type))
+    if getattr(store.config.online_store, "type", None) == "redis":
+        from jobs.feast_redis import write_frame
+
+        if write_frame(store, view, df) is not None:
+            return len(df)
     keys = _entity_keys(view, df)
     stamps = df["event_timestamp"].dt.to_pydatetime()
     names = [f.name for f in view.features]

@@ -148,6 +148,7 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
         def open(self, ctx):
             self.state = ctx.get_map_state(MapStateDescriptor(state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.stages = {}
+            self.subtask = ctx.get_index_of_this_subtask()
 
         def _stage(self, key):
             if key not in self.stages:
@@ -170,7 +171,7 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
 
         def process_element(self, value, ctx):
             stage = self._stage(ctx.get_current_key())
-            timing = {}
+            timing = {f"{state_name}_subtask:{getattr(stage, 'shard', 0)}": self.subtask}
             outs = take(stage, value[1], timing)
             if flush_at_end:
                 ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)

@@ -104,8 +104,9 @@ def _learner_function(cfg: Config):
     """One OnlineLearner, replayed from its last snapshot after a restore (jobs.flink_env)."""
     from jobs.flink_env import replayed_engine
     from udfs.learners import OnlineLearner
+    from udfs.spec import FeatureSpec
 
-    params = cfg.learner_params()
+    params = {**cfg.learner_params(), "spec": FeatureSpec.from_config(cfg)}
 
     def setup():
         from jobs.iceberg_store import open_tables

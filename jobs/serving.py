@@ -120,31 +120,35 @@ def load_latest_model(store_url: str | None = None, model_id: str | None = None,
     return load_model(store_url, model_id, versions[-1]["version"])
 
 
-def features_from_feast(store, requests: pd.DataFrame, now_ms: int, half_lives=None) -> pd.DataFrame:
-    """The features of each request row (decision context with ``user_id``, ``campaign_id``,
-    ``creative_id``) from Feast's online store, decayed from each key's last event to ``now_ms``
-    (Feast keeps a key's accumulators as of its last event), in the columns the learner reads."""
-    from jobs.feast_store import view_name
+def features_from_feast(store, requests: pd.DataFrame, now_ms: int, spec=None) -> pd.DataFrame:
+    """The features of each request row (decision context with the entity columns,
+    ``user_id``, ``campaign_id``, ``creative_id``) from Feast's online store, decayed from each
+    key's last event to ``now_ms`` (Feast keeps a key's accumulators as of its last event), in
+    the columns the learner reads. ``spec``: the :class:`udfs.spec.FeatureSpec` the features were
+    written under (by default, that of the configuration, ``jobs.config.load()``)."""
     from udfs.decay import decay_to
-    from udfs.features import ENTITY_COLUMNS, KEY_TYPES, feature_names, parse_duration
+    from udfs.spec import FeatureSpec
 
-    if half_lives is None:
+    if spec is None:
         from jobs.config import load
-        half_lives = load().features["half_lives"]
-    names = feature_names(half_lives)
+        spec = FeatureSpec.from_config(load())
+    elif not isinstance(spec, FeatureSpec):
+        raise TypeError(f"spec must be a FeatureSpec (FeatureSpec.from_config(cfg)), not {type(spec).__name__}")
+    names = spec.feature_names()
+    half_life_ms = {n: spec.half_life_ms(spec.parse(n)[2]) for n in names}
     out = requests.reset_index(drop=True).copy()
-    for kt in KEY_TYPES:
-        view = view_name(kt)
-        rows = out[list(ENTITY_COLUMNS[kt])].to_dict("records")
-        got = store.get_online_features(features=[f"{view}:{n}" for n in names], entity_rows=rows) \
-            .to_df(include_event_timestamps=True)
+    for kt in spec.key_type_names:
+        view = spec.view_name(kt)
+        rows = out[list(spec.entities(kt))].to_dict("records")
+        resp = store.get_online_features(features=[f"{view}:{n}" for n in names], entity_rows=rows)
+        got = resp.to_df()
+        # each value's event time, to the millisecond (to_df's "__ts" columns keep whole seconds)
+        stamps = dict(zip(resp.proto.metadata.feature_names.val, resp.proto.results))
         for n in names:
             v = got[n].to_numpy(dtype=float, na_value=np.nan)
-            ts = pd.to_datetime(got[f"{n}__ts"], utc=True) if f"{n}__ts" in got else None
-            if ts is not None:
-                as_of = ts.astype("int64").to_numpy() // 1_000_000
-                v = decay_to(v, as_of, np.maximum(now_ms, as_of), parse_duration(n.rsplit("_", 1)[1]))
-            out[f"{kt}__{n}"] = v
+            as_of = np.array([t.seconds * 1000 + t.nanos // 1_000_000 for t in stamps[n].event_timestamps],
+                             dtype=np.int64)
+            out[spec.column(kt, n)] = decay_to(v, as_of, np.maximum(now_ms, as_of), half_life_ms[n])
     return out
 
 
@@ -152,9 +156,10 @@ def score_requests(cfg, requests: pd.DataFrame, now_ms: int) -> tuple[ServingMod
     """What a serving process does per request batch: the newest safe model, the requests'
     features from Feast as of ``now_ms``, the scores (one row per request)."""
     from jobs.feast_store import open_store
+    from udfs.spec import FeatureSpec
 
     model = load_latest_model(cfg=cfg)
-    feats = features_from_feast(open_store(cfg, apply=False), requests, now_ms, cfg.features["half_lives"])
+    feats = features_from_feast(open_store(cfg, apply=False), requests, now_ms, FeatureSpec.from_config(cfg))
     return model, model.score(feats)
 
 

@@ -1,10 +1,12 @@
-"""Submission to a real standalone Flink cluster (bin/start-cluster.sh, bin/flink run -py)."""
+"""Submission to a real standalone Flink cluster (bin/start-cluster.sh, bin/flink run -py) with
+two TaskManagers of one task slot each: the features job at -p 2 runs one shard per TaskManager."""
 
 import json
 import urllib.request
 
 import pytest
 
+from outputs import assert_same_feature_outputs
 from test_job import assert_online_equals_reference, cfg_for, reference_of
 
 pytestmark = pytest.mark.slow
@@ -16,7 +18,8 @@ def cluster():
 
     if c.rest_ready():
         pytest.fail("a Flink cluster is already running on localhost:8081; stop it first (make cluster-down)")
-    c.up()
+    ov = c.up(taskmanagers=2, slots=1)
+    assert ov["taskmanagers"] == 2 and ov["slots-total"] == 2, ov
     yield c
     c.down()
 
@@ -24,7 +27,7 @@ def cluster():
 def test_submitted_job_writes_the_same_features(cluster, small_sim, tmp_path):
     from jobs.sinks import summarize
 
-    result = cluster.submit("features", str(small_sim), str(tmp_path))
+    result = cluster.submit("features", str(small_sim), str(tmp_path), parallelism=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Job has been submitted" in result.stdout
     with urllib.request.urlopen(cluster.REST + "/jobs/overview", timeout=5) as r:
@@ -41,11 +44,30 @@ def test_submitted_job_writes_the_same_features(cluster, small_sim, tmp_path):
 
 @pytest.fixture(scope="module")
 def submitted_features(cluster, small_sim, tmp_path_factory):
-    """The features job's output (hand-off included), submitted with `flink run -py`."""
+    """The features job's output (hand-off included), submitted with `flink run -p 2 -py`."""
     feats = tmp_path_factory.mktemp("cluster-features")
-    result = cluster.submit("features", str(small_sim), str(feats))
+    result = cluster.submit("features", str(small_sim), str(feats), parallelism=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return feats
+
+
+def test_parallelism_1_and_2_on_two_taskmanagers_give_identical_outputs(cluster, small_sim, submitted_features,
+                                                                         tmp_path):
+    """The same job at -p 1 (one TaskManager's slot) and -p 2 (a shard on each TaskManager):
+    the same files, and the same as the local mini-cluster's run."""
+    import json as _json
+
+    one = tmp_path / "p1"
+    result = cluster.submit("features", str(small_sim), str(one), parallelism=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert assert_same_feature_outputs(one, submitted_features) > 50
+    # at -p 2 each shard ran on its own subtask, i.e. its own TaskManager here
+    subtasks = {}
+    for f in (submitted_features / "stats").glob("slice-*.json"):
+        for k, v in _json.loads(f.read_text())["timing"].items():
+            if "_subtask:" in k:
+                subtasks.setdefault(k, set()).add(v)
+    assert subtasks["attribution_subtask:1"] == {1} and subtasks["accumulate_subtask:0"] == {0}
 
 
 def test_submitted_outcomes_job_commits_every_decision_once(cluster, submitted_features, tmp_path):

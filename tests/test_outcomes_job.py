@@ -203,13 +203,14 @@ def test_learner_run_again_gives_the_same_model_and_adds_no_metrics_rows(pipelin
 def test_serving_scores_with_features_read_from_feast(pipeline, learned):
     from jobs.feast_store import open_store
     from jobs.serving import features_from_feast, load_latest_model
+    from udfs.spec import FeatureSpec
 
     cfg, sim, _, _ = pipeline
     truth = pd.read_parquet(sim / "truth" / "decisions.parquet")
     req = truth[truth.arm == "treatment"].tail(20)[["user_id", "campaign_id", "creative_id"]].assign(
         placement="feed", device="ios", region="eu", hour=3)
     now = int(truth.event_time.max())
-    feats = features_from_feast(open_store(cfg, apply=False), req, now, cfg.features["half_lives"])
+    feats = features_from_feast(open_store(cfg, apply=False), req, now, FeatureSpec.from_config(cfg))
     assert feats["campaign_creative__impressions_7d"].notna().all()           # read from Feast
     model = load_latest_model(cfg=cfg)
     got = model.score(feats)

@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from udfs.keys import order_by
 from udfs.spec import FeatureSpec, parse_duration
 from udfs.stage import SliceStage
 
-__all__ = ["AccumulatorStage", "AccPart", "AccOut", "MAX_EXPONENT"]
+__all__ = ["AccumulatorStage", "AccPart", "AccOut", "MAX_EXPONENT", "KEY_COLUMN"]
+
+#: key hash column of the feature frames between the accumulators and the merge
+KEY_COLUMN = "_key"
 
 #: largest r·(t - L) reached before the landmark moves (exp(600) ~ 4e260 < 1.8e308)
 MAX_EXPONENT = 600.0
@@ -43,7 +47,7 @@ class AccPart:
     seq: int
     clock: int | None
     final: bool
-    tables: dict          # key type -> DataFrame (udfs.attribution.ACC_COLUMNS + entity columns) or None
+    tables: dict          # key type -> {column: numpy array} (udfs.attribution.ACC_COLUMNS + entity columns)
     source: int = 0       # the attribution shard it comes from (its part number)
 
 
@@ -181,32 +185,33 @@ class AccumulatorStage(SliceStage):
         out = AccOut(seq=seq, shard=self.shard)
         for kt in self.tables:
             parts = [p.tables.get(kt) for p in payloads]
-            parts = [p for p in parts if p is not None and len(p)]
+            parts = [p for p in parts if p is not None and len(p["t"])]
             if not parts:
                 continue
-            df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-            df = df.sort_values(["t", "rank", "id"], kind="mergesort", ignore_index=True)
-            self._accumulate(kt, df, out)
+            cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if len(parts) > 1 else parts[0]
+            order = order_by(cols["t"], cols["rank"], cols["id"])
+            self._accumulate(kt, {c: v[order] for c, v in cols.items()}, out)
         for kt, rows in self.online_touched.items():
             if rows and (final or (seq + 1) % self.online_every == 0):
                 out.online[kt] = self._feature_frame(kt, np.fromiter(sorted(rows), np.int64))
                 self.online_touched[kt] = set()
         return [out]
 
-    def _accumulate(self, kt: str, df: pd.DataFrame, out: AccOut) -> None:
+    def _accumulate(self, kt: str, df: dict, out: AccOut) -> None:
+        """``df``: column batch (numpy arrays) of this key type's rows in the total order."""
         tab = self.tables[kt]
-        q = df["query"].to_numpy(bool).copy()
-        c = df["contrib"].to_numpy(bool).copy()
-        keys = df["key"].to_numpy(np.uint64)
-        ents = [df[e].to_numpy(object) for e in tab.entities]
+        q = df["query"].astype(bool)
+        c = df["contrib"].astype(bool)
+        keys = df["key"].astype(np.uint64)
+        ents = [df[e].astype(object) if e in df else np.full(len(keys), None, object) for e in tab.entities]
         rows_all = tab.rows(keys, q, ents)
         known = rows_all >= 0
         q = q & known
         c = c & known
-        ts = df["t"].to_numpy(np.int64)
-        pos = np.arange(len(df))
+        ts = df["t"].astype(np.int64)
+        pos = np.arange(len(ts))
         rows, cpos, ct = rows_all[c], pos[c], ts[c]
-        met = df["metric"].to_numpy(np.int64)[c]
+        met = df["metric"].astype(np.int64)[c]
         vals = np.zeros((len(rows), self._n_cols))
         if len(rows):
             w = np.exp(np.outer(ct - self.landmark, self._rates))
@@ -226,7 +231,7 @@ class AccumulatorStage(SliceStage):
             decay = np.exp(-np.outer(qts[q_idx] - self.landmark, self._rates))
             full = np.empty((len(qrows), self._n_cols))
             full[q_idx] = pre * np.tile(decay, (1, len(self.spec.metrics)))
-            out.enrich[kt] = (df["decision_id"].to_numpy(object)[q], full)
+            out.enrich[kt] = (df["decision_id"][q], full)
         if len(rows):
             np.add.at(tab.sums, rows, vals)
             np.maximum.at(tab.last_t, rows, ct)
@@ -234,7 +239,9 @@ class AccumulatorStage(SliceStage):
             out.features[kt] = self._feature_frame(kt, touched)
             self.online_touched[kt].update(touched.tolist())
 
-    def _feature_frame(self, kt: str, rows: np.ndarray) -> pd.DataFrame:
+    def _feature_frame(self, kt: str, rows: np.ndarray, with_key: bool = True) -> pd.DataFrame:
+        """Feature rows of ``rows`` as of each key's last event; with ``with_key`` a
+        :data:`KEY_COLUMN` of key hashes the merge orders by (and drops)."""
         tab = self.tables[kt]
         last = tab.last_t[rows]
         decay = np.exp(-np.outer(last - self.landmark, self._rates))
@@ -243,10 +250,12 @@ class AccumulatorStage(SliceStage):
         data.update(zip(self.spec.feature_names(), vals.T))
         df = pd.DataFrame(data)
         df["event_timestamp"] = pd.to_datetime(last, unit="ms", utc=True)
+        if with_key:
+            df[KEY_COLUMN] = tab.hashes[rows]
         return df
 
     def feature_values(self, kt: str) -> pd.DataFrame:
         """Every key's current values, as of its last event (what Feast should hold)."""
         tab = self.tables[kt]
         rows = np.flatnonzero(tab.last_t[:len(tab)] != _NO_TIME).astype(np.int64)
-        return self._feature_frame(kt, rows)
+        return self._feature_frame(kt, rows, with_key=False)

@@ -65,12 +65,6 @@ class RouterOut:
     to_acc: list = field(default_factory=list)    # per accumulator shard: {key type: rows or None}
 
 
-def _empty_acc(spec: FeatureSpec, kt: str) -> pd.DataFrame:
-    cols = {c: [] for c in ACC_COLUMNS}
-    cols.update({e: [] for e in spec.entities(kt)})
-    return pd.DataFrame(cols)
-
-
 class AttributionStage(SliceStage):
     """One attribution shard (``shard`` of ``shards``) feeding ``acc_shards`` accumulators."""
 
@@ -207,22 +201,29 @@ class AttributionStage(SliceStage):
             consent = dec["consent"].to_numpy(bool)
             idx = pd.DataFrame({"h": dec["_h"].to_numpy(np.uint64), "t": dec["event_time"].to_numpy(np.int64)})
             treated = (dec["arm"].to_numpy(object) == "treatment")
+            hashes = {}                    # one hash per entity column, shared by the key types
+
+            def h(cols):
+                for c in cols:
+                    if c not in hashes:
+                        hashes[c] = id_hash(dec[c].to_numpy(object))
+                return key_hash([hashes[c] for c in cols], hashed=True)
+
+            ids = dec["decision_id"].to_numpy(object)
             for kt in self.spec.key_types:
-                k = key_hash([dec[c].to_numpy(object) for c in kt.entities])
-                r = shard_of(key_hash([dec[c].to_numpy(object) for c in kt.route_by]), self.acc_shards)
+                k = h(kt.entities)
+                r = shard_of(h(kt.route_by), self.acc_shards)
                 if kt.user_level:
                     k = np.where(consent, k, np.uint64(0))
                     r = np.where(consent, r, -1)
                 idx[f"k:{kt.name}"], idx[f"s:{kt.name}"] = k, r
                 has = k != 0
-                rows = pd.DataFrame({"t": idx["t"].to_numpy()[has], "rank": np.zeros(int(has.sum()), np.int8),
-                                     "id": dec["decision_id"].to_numpy(object)[has], "key": k[has],
-                                     "metric": np.zeros(int(has.sum()), np.int8),
-                                     "query": np.ones(int(has.sum()), bool), "contrib": treated[has],
-                                     "decision_id": dec["decision_id"].to_numpy(object)[has]})
+                n = int(has.sum())
+                rows = {"t": idx["t"].to_numpy()[has], "rank": np.zeros(n, np.int8), "id": ids[has],
+                        "key": k[has], "metric": np.zeros(n, np.int8), "query": np.ones(n, bool),
+                        "contrib": treated[has], "decision_id": ids[has], "_shard": r[has]}
                 for e in kt.entities:
                     rows[e] = dec[e].to_numpy(object)[has]
-                rows["_shard"] = r[has]
                 acc_rows[kt.name].append(rows)
             self.dec_chunks[seq] = (int(idx["t"].max()), idx)
             self._put_part(f"dec:{seq}", self.dec_chunks[seq])
@@ -253,31 +254,38 @@ class AttributionStage(SliceStage):
                     k = table[f"k:{kt}"].to_numpy()[gpos]
                     has = k != 0
                     n = int(has.sum())
-                    rows = pd.DataFrame({"t": t[ok][has], "rank": np.full(n, metric, np.int8),
-                                         "id": good["event_id"].to_numpy(object)[has], "key": k[has],
-                                         "metric": np.full(n, metric, np.int8), "query": np.zeros(n, bool),
-                                         "contrib": np.ones(n, bool), "decision_id": np.full(n, None, object)})
-                    rows["_shard"] = table[f"s:{kt}"].to_numpy()[gpos][has]
+                    rows = {"t": t[ok][has], "rank": np.full(n, metric, np.int8),
+                            "id": good["event_id"].to_numpy(object)[has], "key": k[has],
+                            "metric": np.full(n, metric, np.int8), "query": np.zeros(n, bool),
+                            "contrib": np.ones(n, bool), "decision_id": np.full(n, None, object),
+                            "_shard": table[f"s:{kt}"].to_numpy()[gpos][has]}
                     acc_rows[kt].append(rows)
                 att.append(pd.DataFrame({
                     "event_id": good["event_id"].to_numpy(object), "decision_id": good["decision_id"].to_numpy(object),
-                    "kind": kind, "event_time": t[ok],
+                    "kind": kind, "event_time": t[ok], "rank": np.full(int(ok.sum()), metric, np.int8),
                     "value": good["value"].to_numpy(float) if kind == "conversion" else np.zeros(int(ok.sum()))}))
                 counts["processed"][kind] = int(ok.sum())
             if att:
                 attributed = pd.concat(att, ignore_index=True)
 
         clock, is_final = (self.max_t, True) if final else (wm, False)
-        # one table per key type and accumulator shard (empty ones too: each shard waits for
-        # a part from every attribution shard)
-        to_acc = []
-        for j in range(self.acc_shards):
-            tables = {}
-            for kt in self.spec.key_type_names:
-                parts = [r[r["_shard"].to_numpy() == j] for r in acc_rows[kt]]
-                parts = [p.drop(columns="_shard") for p in parts if len(p)]
-                tables[kt] = pd.concat(parts, ignore_index=True) if parts else None
-            to_acc.append(tables)
+        # one column batch per key type and accumulator shard (empty ones too: each shard waits
+        # for a part from every attribution shard)
+        to_acc = [{} for _ in range(self.acc_shards)]
+        for kt in self.spec.key_type_names:
+            batches = acc_rows[kt]
+            if not batches:
+                continue
+            cols = list(dict.fromkeys(c for b in batches for c in b))     # outcome rows carry no entities
+            rows = {c: np.concatenate([b[c] if c in b else np.full(len(b["t"]), None, object) for b in batches])
+                    for c in cols}
+            shard = rows.pop("_shard")
+            order = np.argsort(shard, kind="stable")
+            bounds = np.searchsorted(shard[order], np.arange(self.acc_shards + 1))
+            for j in range(self.acc_shards):
+                take = order[bounds[j]:bounds[j + 1]]
+                if len(take):
+                    to_acc[j][kt] = {c: v[take] for c, v in rows.items()}
         out = RouterOut(seq=seq, shard=self.shard, decisions=decisions, attributed=attributed,
                         quarantine=quarantine, counts=counts, clock=clock, final=is_final, to_acc=to_acc)
         if self.restored_from is not None:

@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from schemas import CONTRACTS
-from udfs.accumulate import AccPart, AccumulatorStage
+from udfs.accumulate import KEY_COLUMN, AccPart, AccumulatorStage
 from udfs.attribution import AttributionStage, ReaderPart
-from udfs.keys import id_hash, shard_of
+from udfs.keys import id_hash, order_by, shard_of
 from udfs.spec import KINDS, KIND_RANK, METRICS, FeatureSpec, parse_duration
 
 __all__ = ["FeatureEngine", "SliceOutput", "split_slice", "merge_slice", "to_frames",
@@ -114,12 +114,20 @@ def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined:
 
 
 # ----------------------------------------------------------------------------- merging side
-def _sorted_frames(frames: list, by: list) -> pd.DataFrame | None:
+def _sorted_frames(frames: list, t: str | None = None, rank: str | None = None, by: str | None = None,
+                   key: str | None = None) -> pd.DataFrame | None:
+    """Concatenate and order by ``(t, rank, by)`` (times, then strings only among ties), or by
+    the hash column ``key`` (dropped)."""
     frames = [f for f in frames if f is not None and len(f)]
     if not frames:
         return None
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return df.sort_values(by, kind="mergesort", ignore_index=True)
+    if key is not None:
+        df = df.take(np.argsort(df[key].to_numpy(), kind="stable")).drop(columns=key)
+    else:
+        r = df[rank].to_numpy() if rank else None
+        df = df.take(order_by(df[t].to_numpy(), r, df[by].to_numpy(object)))
+    return df.reset_index(drop=True)
 
 
 def _quarantine_order(entry) -> tuple:
@@ -132,7 +140,7 @@ def merge_slice(spec: FeatureSpec, router_outs: list, acc_outs: list) -> SliceOu
     accumulator shard's output, ordered so that it does not depend on the shard counts."""
     r0 = router_outs[0]
     out = SliceOutput(seq=r0.seq, clock=r0.clock, final=r0.final)
-    dec = _sorted_frames([r.decisions for r in router_outs], ["event_time", "decision_id"])
+    dec = _sorted_frames([r.decisions for r in router_outs], t="event_time", by="decision_id")
     if dec is not None:
         index = pd.Index(dec["decision_id"].to_numpy(object))
         data = {c: dec[c] for c in dec.columns}
@@ -145,16 +153,14 @@ def merge_slice(spec: FeatureSpec, router_outs: list, acc_outs: list) -> SliceOu
             for j, col in enumerate(spec.columns(kt)):
                 data[col] = block[:, j]
         out.enriched = pd.DataFrame(data)
-    att = _sorted_frames([r.attributed for r in router_outs], ["event_time", "kind", "event_id"])
+    att = _sorted_frames([r.attributed for r in router_outs], t="event_time", rank="rank", by="event_id")
     if att is not None:
-        # kind ranks click before conversion, as the names sort
-        out.attributed = att
+        out.attributed = att.drop(columns="rank")
     for kt in spec.key_type_names:
-        ents = list(spec.entities(kt))
-        f = _sorted_frames([a.features.get(kt) for a in acc_outs], ents)
+        f = _sorted_frames([a.features.get(kt) for a in acc_outs], key=KEY_COLUMN)
         if f is not None:
             out.features[kt] = f
-        o = _sorted_frames([a.online.get(kt) for a in acc_outs], ents)
+        o = _sorted_frames([a.online.get(kt) for a in acc_outs], key=KEY_COLUMN)
         if o is not None:
             out.online[kt] = o
     out.quarantine = [q for r in router_outs for q in r.quarantined]
@@ -284,7 +290,7 @@ class FeatureEngine:
 
     def feature_values(self, kt: str) -> pd.DataFrame:
         """Every key's current values, as of its last event (what Feast should hold)."""
-        df = _sorted_frames([a.feature_values(kt) for a in self.accs], list(self.spec.entities(kt)))
-        if df is None:
-            return self.accs[0].feature_values(kt)
-        return df
+        frames = [a.feature_values(kt).assign(**{KEY_COLUMN: a.tables[kt].hashes[
+            a.tables[kt].last_t[:len(a.tables[kt])] != np.iinfo(np.int64).min]}) for a in self.accs]
+        df = _sorted_frames(frames, key=KEY_COLUMN)
+        return df if df is not None else self.accs[0].feature_values(kt)

@@ -52,7 +52,7 @@ from river import linear_model, optim
 
 from schemas import CONTRACTS
 from udfs.delay import HOUR_MS, CampaignDelayModels, interim_label
-from udfs.features import KEY_TYPES, feature_names, parse_duration
+from udfs.spec import FeatureSpec, parse_duration
 from udfs.metrics import FeatureSummary, auc, drift, ece, log_loss, qini_coefficient
 
 __all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "Ring", "BatchLogisticRegression", "BatchLinearRegression",
@@ -72,11 +72,14 @@ def _sigmoid(x):
 class FeatureEncoder:
     """Enriched decision -> (numeric block, hashed categorical indices) -> dense row.
 
-    Numeric: ``log1p`` of every decayed accumulator (NaN, i.e. no key or no
-    consent, -> 0), a missing flag per key type, smoothed click and conversion
+    Numeric: ``log1p`` of every decayed accumulator (``spec.columns()``; NaN, i.e. no key
+    or no consent, -> 0), a missing flag per key type, smoothed click and conversion
     rates per key type and half-life. Categorical: each
     field (and cross) value is hashed (xxh64 of ``"field=value"``) into one of
     ``buckets`` one-hot columns.
+
+    The features are those of ``spec`` (a :class:`udfs.spec.FeatureSpec`); without one, of
+    ``FeatureSpec(half_lives=half_lives)``.
 
     >>> enc = FeatureEncoder(("1h",), buckets=16)
     >>> df = pd.DataFrame({"placement": ["feed"], "device": ["ios"], "region": ["eu"], "hour": [3],
@@ -89,22 +92,43 @@ class FeatureEncoder:
     FIELDS = ("placement", "device", "region", "hour", "campaign_id", "creative_id",
               ("placement", "creative_id"), ("device", "campaign_id"), ("region", "campaign_id"))
 
-    def __init__(self, half_lives=("1h", "1d", "7d"), buckets: int = 128):
-        self.half_lives = tuple(half_lives)
+    def __init__(self, half_lives=None, buckets: int = 128, spec: FeatureSpec | None = None):
+        if spec is None:
+            spec = FeatureSpec(half_lives=("1h", "1d", "7d") if half_lives is None else tuple(half_lives))
+        elif half_lives is not None and tuple(str(h) for h in half_lives) != spec.half_lives:
+            raise ValueError(f"half-lives {tuple(half_lives)} are not the spec's {spec.half_lives}")
+        self.spec = spec
+        self.half_lives = spec.half_lives
         self.buckets = int(buckets)
-        self.raw_columns = [f"{kt}__{n}" for kt in KEY_TYPES for n in feature_names(self.half_lives)]
-        names = [f"log1p:{c}" for c in self.raw_columns] + [f"missing:{kt}" for kt in KEY_TYPES]
-        names += [f"{r}:{kt}_{h}" for kt in KEY_TYPES for h in self.half_lives for r in ("ctr", "cvr")]
+        self.raw_columns = list(spec.columns())
+        kts = spec.key_type_names
+        names = [f"log1p:{c}" for c in self.raw_columns] + [f"missing:{kt}" for kt in kts]
+        names += [f"{r}:{kt}_{h}" for kt in kts for h in self.half_lives for r in ("ctr", "cvr")]
         self.numeric_names = names
         self.field_names = ["*".join(f) if isinstance(f, tuple) else f for f in self.FIELDS]
         self.context_columns = sorted({g for f in self.FIELDS for g in (f if isinstance(f, tuple) else (f,))})
+        self._layout()
         self._cache = {}
+
+    def _layout(self) -> None:
+        """Per key type, where its raw columns are, and its impressions, clicks and conversions
+        by half-life (``spec.parse`` of each raw column)."""
+        at = {self.spec.parse(c): j for j, c in enumerate(self.raw_columns)}
+        self._blocks = [(np.array([j for (k, _, _), j in at.items() if k == kt]),
+                         *(np.array([at[kt, m, h] for h in self.half_lives])
+                           for m in ("impressions", "clicks", "conversions")))
+                        for kt in self.spec.key_type_names]
 
     def unshown_mask(self) -> tuple[np.ndarray, np.ndarray]:
         """(numeric columns to keep, categorical fields to keep) for a model of the control arm's
         outcome: a holdout decision logs the creative the policy chose but does not show it,
-        so the creative's fields and history cannot cause that outcome and are left out."""
-        keep_num = np.array(["campaign_creative" not in n for n in self.numeric_names])
+        so the creative's fields and history (the key types keyed by the creative) cannot
+        cause that outcome and are left out."""
+        kts = self.spec.key_type_names
+        of_column = [self.spec.parse(c)[0] for c in self.raw_columns] + list(kts) + \
+            [kt for kt in kts for _ in self.half_lives for _ in ("ctr", "cvr")]    # as numeric_names
+        creative = {kt for kt in kts if "creative_id" in self.spec.entities(kt)}
+        keep_num = np.array([kt not in creative for kt in of_column])
         keep_fields = np.array([j for j, f in enumerate(self.FIELDS)
                                 if "creative_id" not in (f if isinstance(f, tuple) else (f,))])
         return keep_num, keep_fields
@@ -183,14 +207,12 @@ class FeatureEncoder:
         for j, c in enumerate(self.raw_columns):
             if c in df:
                 raw[:, j] = df[c].to_numpy(dtype=float, na_value=np.nan)
-        per_kt = len(self.raw_columns) // len(KEY_TYPES)
-        missing = np.isnan(raw).reshape(n, len(KEY_TYPES), per_kt).all(axis=2)
+        missing = np.column_stack([np.isnan(raw[:, cols]).all(axis=1) for cols, *_ in self._blocks])
         vals = np.nan_to_num(raw, nan=0.0)
         parts = [np.log1p(np.maximum(vals, 0.0)), missing.astype(float)]
         h = len(self.half_lives)
-        for k in range(len(KEY_TYPES)):
-            block = vals[:, k * per_kt:(k + 1) * per_kt]       # impressions, clicks, conversions x h
-            imp, clk, cnv = block[:, :h], block[:, h:2 * h], block[:, 2 * h:]
+        for _, imp, clk, cnv in self._blocks:         # by half-life, in the spec's order
+            imp, clk, cnv = vals[:, imp], vals[:, clk], vals[:, cnv]
             rates = np.empty((n, 2 * h))
             rates[:, 0::2] = (clk + 0.05) / (imp + 1.0)
             rates[:, 1::2] = (cnv + 0.01) / (imp + 1.0)
@@ -212,7 +234,13 @@ class FeatureEncoder:
         return num @ weights[:self.n_numeric] + weights[self.n_numeric:][cat].sum(axis=1)
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": {}}
+        return {k: v for k, v in {**self.__dict__, "_cache": {}}.items() if k != "_blocks"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "spec" not in state:                      # pickled before the encoder kept its spec
+            self.spec = FeatureSpec(half_lives=self.half_lives)
+        self._layout()
 
 
 # ----------------------------------------------------------------------------- river models
@@ -540,14 +568,16 @@ class OnlineLearner:
     ``labels``: ``"delayed"`` (the product: interim then final labels), or ``"oracle"``
     (evaluation only: each decision is trained as soon as it is scored, on its true final
     labels, taken from the ``true_click`` and ``true_conversion`` columns of the decisions).
+    The features are those of ``spec`` (a :class:`udfs.spec.FeatureSpec`), or of
+    ``FeatureSpec(half_lives=half_lives)`` (:class:`FeatureEncoder`).
     """
 
-    def __init__(self, half_lives=("1h", "1d", "7d"), click_window="1h", conversion_window="7d",
+    def __init__(self, half_lives=None, click_window="1h", conversion_window="7d",
                  label_wait="1h", refit_every="1d", snapshot_every="6h", snapshot_examples=100_000,
                  buckets=128, lr=0.05, l2=0.0, batch_size=512, intercept_lr=0.2,
                  dr_intercept_lr=0.01, calibration_window=50_000,
                  ipw_clip=20.0, prior_strength=50.0, fit_sample=50_000, drift_threshold=0.5,
-                 model_id="streamlift", labels="delayed", effect_modifiers=None):
+                 model_id="streamlift", labels="delayed", effect_modifiers=None, spec=None):
         effect_modifiers = tuple(effect_modifiers or EFFECT_MODIFIERS)
         if labels not in ("delayed", "oracle"):
             raise ValueError(f"labels must be 'delayed' or 'oracle', not {labels!r}")
@@ -563,7 +593,7 @@ class OnlineLearner:
         self.drift_threshold = float(drift_threshold)
         self.model_id = model_id
         self.labels = labels
-        self.bundle = ModelBundle(FeatureEncoder(half_lives, buckets), lr, l2, batch_size,
+        self.bundle = ModelBundle(FeatureEncoder(half_lives, buckets, spec), lr, l2, batch_size,
                                   calibration_window, intercept_lr, dr_intercept_lr, tuple(effect_modifiers))
         self.blocks: list[_Block] = []
         self.campaigns: dict[str, int] = {}
