@@ -4,8 +4,14 @@ features job against the Flink SQL ceiling).
 All variants read the same simulated input in the same run, on the local
 mini-cluster with checkpointing on:
 
-* ``features``            the job as shipped, Feast online store on SQLite;
-* ``features_no_online``  the same job writing only the offline store and the enriched decisions;
+* ``features_p1`` / ``features_p2``  the job at parallelism 1 and 2 writing the offline store, the
+                          enriched decisions and the hand-off (no Feast online writes);
+* ``features_sqlite``     the job at parallelism 2 with Feast online writes to SQLite (``features``);
+* ``features_redis``      the same with Feast online writes to a real Redis server (started here);
+* ``freshness``           the job with --follow on Redis, fed at half of ``features_redis``'s rate:
+                          fold -> online write latency p50/p99;
+* ``sharding``            the engine in process at 1 and 4 shards: CPU ratio, busiest shard's share;
+* ``projection``          a projection (labelled so) of events/s against cores from CPU per event;
 * ``naive``               a Python KeyedProcessFunction reading and writing a ValueState per event
                           (process mode, default bundles), on the first ``--naive-events`` lines;
 * ``flink_sql``           Flink SQL, JSON files -> blackhole (all Java), columns from schemas/;
@@ -27,7 +33,7 @@ Each job is reported as events/s end to end and *net* of the start-up time of an
 empty job measured in the same run; ratios are net/net. The learners are reported in
 examples/s (an example: one decision scored first, then trained on its labels) and
 their CTR quality (AUC, log loss, ECE on the treatment arm after the first day). Results go to
-``<out>/features.json``.
+``<out>/features.json``, and the headline numbers to ``<out>/summary.json``.
 
     python -m jobs.bench --events 1000000 --out bench/results
 """
@@ -60,14 +66,132 @@ def startup_seconds(cfg) -> float:
     return _timed(lambda: env.execute("startup"))
 
 
-def run_features(sim: Path, data: Path, write_online: bool) -> dict:
+def run_features(sim: Path, data: Path, write_online: bool, parallelism: int = 2, env: dict | None = None) -> dict:
+    """The features job on the mini-cluster at ``parallelism``; its summary plus the seconds each
+    stage spent (summed over slices and shards, from the per-slice stats)."""
     from jobs.features import run
 
     if data.exists():
         shutil.rmtree(data)
     cfg = load_config(env={**os.environ, "STREAMLIFT_PATHS__DATA_DIR": str(data),
-                           "STREAMLIFT_FEAST__WRITE_ONLINE": str(write_online).lower()})
-    return run(cfg, sim)
+                           "STREAMLIFT_FEAST__WRITE_ONLINE": str(write_online).lower(),
+                           "STREAMLIFT_FLINK__PARALLELISM": str(parallelism), **(env or {})})
+    s = run(cfg, sim)
+    s["stage_seconds"] = stage_seconds(data)
+    return s
+
+
+def stage_seconds(data: Path) -> dict:
+    """Seconds per stage of a features run, summed over slices and shards: read-validate,
+    attribution, accumulate, merge, file writes (sink), Feast online writes."""
+    out = {"read": 0.0, "attribution": 0.0, "accumulate": 0.0, "merge": 0.0, "sink": 0.0, "online": 0.0}
+    for f in (data / "stats").glob("slice-*.json"):
+        for k, v in json.loads(f.read_text())["timing"].items():
+            stage = k.split(":")[0].removesuffix("_s")
+            if stage in out and isinstance(v, (int, float)):
+                out[stage] += v
+    for f in (data / "stats").glob("online-*.json"):
+        out["online"] += json.loads(f.read_text())["online_s"]
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def freshness(data: Path) -> dict:
+    """p50/p99 of fold -> written over every online row of a run (from the writers' quantiles)."""
+    import numpy as np
+
+    samples, weights = [], []
+    for f in (data / "stats").glob("online-*.json"):
+        fr = json.loads(f.read_text()).get("freshness_s")
+        if fr:
+            samples.append(np.array(fr["quantiles"]))
+            weights.append(np.full(101, fr["n"] / 101.0))
+    if not samples:
+        return {}
+    x, w = np.concatenate(samples), np.concatenate(weights)
+    order = np.argsort(x)
+    cum = np.cumsum(w[order]) / w.sum()
+    q = lambda p: float(x[order][min(np.searchsorted(cum, p), len(x) - 1)])  # noqa: E731
+    return {"rows": int(round(w.sum())), "p50_s": round(q(0.50), 3), "p99_s": round(q(0.99), 3),
+            "max_s": round(float(x.max()), 3)}
+
+
+def run_freshness(sim: Path, data: Path, redis: str, events_per_second: float, parallelism: int = 2) -> dict:
+    """The features job with --follow, Feast online on Redis, fed by a paced producer: one
+    manifest line announced every slice_lines / events_per_second seconds. Freshness: the time
+    from an accumulator folding a key's newest event to the Feast write holding it returning
+    (Redis answers reads from then on; a sample is read back through Feast at the end)."""
+    import signal
+    import subprocess
+    import sys
+
+    from udfs.ingest import manifest_lines
+
+    if data.exists():
+        shutil.rmtree(data)
+    feed = data / "feed"
+    (feed / "manifest").mkdir(parents=True)
+    lines = manifest_lines(sim)
+    per_slice = max(sum(json.loads(m)["lines"].values()) for m in lines)
+    interval = per_slice / events_per_second
+    env = {**os.environ, "STREAMLIFT_PATHS__DATA_DIR": str(data), "STREAMLIFT_FEAST__ONLINE_STORE": "redis",
+           "STREAMLIFT_FEAST__REDIS_CONNECTION": redis, "STREAMLIFT_FEATURES__ONLINE_EVERY": "1",
+           "STREAMLIFT_FLINK__PARALLELISM": str(parallelism), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.features", "--input", str(feed), "--data-dir", str(data),
+                             "--follow"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        time.sleep(10)                                   # start-up
+        for i, m in enumerate(lines):
+            tmp = feed / "manifest" / f".slices-{i:05d}.jsonl"
+            tmp.write_text(m + "\n")
+            tmp.rename(feed / "manifest" / f"slices-{i:05d}.jsonl")
+            time.sleep(interval)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((data / "stats").glob("slice-*.json"))) < len(lines):
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    return {"interval_s": round(interval, 3), "paced_events_per_second": round(events_per_second),
+            "slices": len(list((data / "stats").glob("slice-*.json"))), **freshness(data)}
+
+
+def shard_balance(cfg, sim: Path, shards: int = 4) -> dict:
+    """The engine in process at 1 and ``shards`` shards: total engine CPU (the sharding overhead)
+    and the share of the busiest shard's input (attribution: events; accumulate: key rows)."""
+    from udfs.features import FeatureEngine
+    from udfs.ingest import manifest_lines, read_slice
+
+    slices = [read_slice(line, as_frames=True) for line in manifest_lines(sim)]
+    cpu = {}
+    for n in (1, shards):
+        eng = FeatureEngine(**cfg.engine_params(), shards=n)
+        t0 = time.process_time()
+        for s in slices:
+            eng.offer(s.seq, s.batches, s.lines, s.quarantined)
+            eng.state_delta()
+        eng.flush()
+        cpu[n] = time.process_time() - t0
+    att = [r.events_in for r in eng.routers]
+    acc = [a.rows_in for a in eng.accs]
+    return {"shards": shards, "engine_cpu_1_shard_s": round(cpu[1], 2),
+            f"engine_cpu_{shards}_shards_s": round(cpu[shards], 2),
+            "cpu_ratio": round(cpu[shards] / cpu[1], 3),
+            "busiest_attribution_share": round(max(att) / sum(att), 3),
+            "busiest_accumulate_share": round(max(acc) / sum(acc), 3)}
+
+
+def projection(events: int, stages: dict, wall_net_p2: float, cores_used: int = 2,
+               cores=(1, 2, 4, 8, 16)) -> dict:
+    """A projection (not a measurement) of the features job's events/s against cores: every stage
+    is sharded, so at c cores the job would process c / (CPU seconds per event) events/s, where
+    the CPU per event is the Python stages' measured seconds plus what the rest of the p=2 run's
+    two cores spent (Flink: transfers, state, checkpoints), assumed to scale the same way."""
+    python = sum(stages.values()) / events
+    other = max(0.0, cores_used * wall_net_p2 / events - python)
+    per_event = python + other
+    return {"cpu_us_per_event_python_stages": round(python * 1e6, 2), "cpu_us_per_event_other": round(other * 1e6, 2),
+            "events_per_second": {str(c): round(c / per_event) for c in cores}}
 
 
 def run_naive(cfg, sim: Path, max_lines: int, mode: str = "process") -> tuple[int, float]:
@@ -304,6 +428,8 @@ def run_flink_sql(sim: Path) -> tuple[int, float]:
 
 
 RATIOS = {   # name: (numerator, denominator, field of each); a ratio of the variants this run measured
+    "features_p2_vs_p1": ("features_p2", "features_p1", "events_per_second"),
+    "features_p2_vs_p1_net": ("features_p2", "features_p1", "net_events_per_second"),
     "features_vs_naive": ("features", "naive", "net_events_per_second"),
     "features_no_online_vs_naive": ("features_no_online", "naive", "net_events_per_second"),
     # against Flink SQL end to end: the SQL job is over within about a second of its start-up
@@ -313,6 +439,70 @@ RATIOS = {   # name: (numerator, denominator, field of each); a ratio of the var
     "outcomes_vs_outcomes_naive_end_to_end": ("outcomes", "outcomes_naive", "events_per_second"),
     "learner_engine_vs_vowpal_wabbit": ("learner_engine_only", "vowpal_wabbit", "examples_per_second"),
 }
+
+
+def redis_server():
+    """A redis-server on a free port in a temporary folder (None if it is not installed)."""
+    import contextlib
+    import socket
+    import subprocess
+    import tempfile
+
+    @contextlib.contextmanager
+    def ctx():
+        if not shutil.which("redis-server"):
+            yield None
+            return
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as d:
+            proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL)
+            try:
+                import redis
+
+                deadline = time.time() + 10
+                while True:
+                    try:
+                        redis.Redis(port=port).ping()
+                        break
+                    except redis.ConnectionError:
+                        if time.time() > deadline:
+                            raise
+                        time.sleep(0.1)
+                yield f"127.0.0.1:{port}"
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+    return ctx()
+
+
+SUMMARY_KEYS = {   # summary.json key: (results entry, field)
+    "features_p1_eps": ("features_p1", "events_per_second"),
+    "features_p2_eps": ("features_p2", "events_per_second"),
+    "features_redis_eps": ("features_redis", "events_per_second"),
+    "features_sqlite_eps": ("features_sqlite", "events_per_second"),
+    "freshness_p50_s": ("freshness", "p50_s"),
+    "freshness_p99_s": ("freshness", "p99_s"),
+    "naive_features_eps": ("naive", "events_per_second"),
+    "sql_ceiling_eps": ("flink_sql", "events_per_second"),
+    "outcomes_eps": ("outcomes", "events_per_second"),
+    "learner_eps": ("learner", "examples_per_second"),
+}
+
+
+def write_summary(out: Path, results: dict) -> dict:
+    """``<out>/summary.json``: a flat object of numbers (events/s end to end, start-up included;
+    freshness in seconds) that other tools read."""
+    summary = {"cores": os.cpu_count(), "events": results.get("input_lines")}
+    for key, (entry, field) in SUMMARY_KEYS.items():
+        v = results.get(entry, {}).get(field)
+        if isinstance(v, (int, float)):
+            summary[key] = v
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def ratios(results: dict) -> dict:
@@ -367,22 +557,45 @@ def main(argv=None) -> None:
 
     handoff = out / "run-features-no-online"
     if args.only == "all" or not (handoff / "handoff").exists():
-        s = run_features(sim, out / "run-features", write_online=True)
-        results["input_lines"] = s["events_in"]
-        results["features"] = {**entry(s["events_in"], s["wall_seconds"]),
-                               "online_rows": sum(s["feature_rows_online"].values()), "reconciles": s["reconciles"]}
+        # parallelism 1 and 2 without online writes, same input, same run
+        for p_ in (1, 2):
+            s = run_features(sim, out / f"run-features-p{p_}" if p_ == 1 else handoff, write_online=False,
+                             parallelism=p_)
+            results["input_lines"] = s["events_in"]
+            results[f"features_p{p_}"] = {**entry(s["events_in"], s["wall_seconds"]), "reconciles": s["reconciles"],
+                                          "stage_seconds": s["stage_seconds"]}
+            save()
+        results["features_no_online"] = results["features_p2"]
+        s = run_features(sim, out / "run-features", write_online=True, parallelism=2)
+        results["features_sqlite"] = {**entry(s["events_in"], s["wall_seconds"]),
+                                      "online_rows": sum(s["feature_rows_online"].values()),
+                                      "reconciles": s["reconciles"], "stage_seconds": s["stage_seconds"]}
+        results["features"] = results["features_sqlite"]
         save()
-        s2 = run_features(sim, out / "run-features-no-online", write_online=False)
-        results["features_no_online"] = {**entry(s2["events_in"], s2["wall_seconds"]),
-                                         "reconciles": s2["reconciles"]}
-        save()
+        with redis_server() as conn:
+            if conn is None:
+                results["features_redis"] = {"skipped": "redis-server not installed (make redis)"}
+            else:
+                s = run_features(sim, out / "run-features-redis", write_online=True, parallelism=2,
+                                 env={"STREAMLIFT_FEAST__ONLINE_STORE": "redis",
+                                      "STREAMLIFT_FEAST__REDIS_CONNECTION": conn})
+                results["features_redis"] = {**entry(s["events_in"], s["wall_seconds"]),
+                                             "online_rows": sum(s["feature_rows_online"].values()),
+                                             "reconciles": s["reconciles"], "stage_seconds": s["stage_seconds"]}
+                save()
+                rate = results["features_redis"]["net_events_per_second"] or results["features_redis"]["events_per_second"]
+                results["freshness"] = run_freshness(sim, out / "run-freshness", conn, rate / 2)
+            save()
         n, wall = run_naive(cfg, sim, args.naive_events)
         results["naive"] = entry(n, wall)
         save()
         results["engine_only_python"] = run_engine_only(cfg, sim)
+        results["sharding"] = shard_balance(cfg, sim, shards=4)
         save()
         n, wall = run_flink_sql(sim)
         results["flink_sql"] = entry(n, wall)
+        p2 = results["features_p2"]
+        results["projection"] = projection(p2["events"], p2["stage_seconds"], p2["wall_seconds"] - startup)
         save()
         o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
         results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
@@ -412,15 +625,30 @@ def main(argv=None) -> None:
     save()
     results["ratios"] = ratios(results)
     save()
+    write_summary(out, results)
     print("\n== make bench: features job (events/s, net of start-up %.1f s) ==" % startup)
-    for k in ("features", "features_no_online", "naive", "flink_sql", "outcomes", "outcomes_naive"):
-        if k not in results:
+    for k in ("features_p1", "features_p2", "features_sqlite", "features_redis", "naive", "flink_sql",
+              "outcomes", "outcomes_naive"):
+        if k not in results or "events" not in results[k]:
             continue
         r = results[k]
         print(f"{k:<20} {r['events']:>10,} events  {r['wall_seconds']:>7.1f} s  "
               f"{r['events_per_second']:>9,}/s end to end  {r['net_events_per_second'] or '-':>9}/s net")
     for k, v in results["ratios"].items():
         print(f"{k:<34} {v}")
+    if "freshness" in results:
+        f = results["freshness"]
+        print(f"freshness (Redis, paced at {f['paced_events_per_second']:,}/s): p50 {f.get('p50_s')} s, "
+              f"p99 {f.get('p99_s')} s over {f.get('rows', 0):,} online rows")
+    if "sharding" in results:
+        sh = results["sharding"]
+        print(f"sharding: engine CPU at {sh['shards']} shards / 1 shard = {sh['cpu_ratio']}; busiest shard "
+              f"{sh['busiest_accumulate_share']:.0%} of the accumulator rows, {sh['busiest_attribution_share']:.0%} "
+              f"of the attribution events")
+    if "projection" in results:
+        pr = results["projection"]
+        print("PROJECTION (not measured): events/s by cores, from CPU per event measured at p=2: "
+              + ", ".join(f"{c}: {v:,}" for c, v in pr["events_per_second"].items()))
     if "engine_only_python" in results:
         e = results["engine_only_python"]
         print(f"without Flink, one core: read+validate {e['read_validate_events_per_second']:,}/s, "

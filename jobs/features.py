@@ -101,7 +101,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         part = pickle.loads(blob)
         t0 = time.perf_counter()
         outs = stage.offer(part.seq, 0, part)
-        timing["attribution_s"] = round(time.perf_counter() - t0, 3)
+        timing[f"attribution_s:{stage.shard}"] = round(time.perf_counter() - t0, 3)
         timing.update(getattr(part, "timing", {}) or {})
         return outs
 
@@ -117,7 +117,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         part = pickle.loads(blob)
         t0 = time.perf_counter()
         outs = stage.offer(part.seq, part.source, part)
-        timing["accumulate_s"] = round(time.perf_counter() - t0, 3)
+        timing[f"accumulate_s:{stage.shard}"] = round(time.perf_counter() - t0, 3)
         return outs
 
     def accumulate_emit(out, timing):

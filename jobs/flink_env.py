@@ -78,46 +78,24 @@ def parallelism(cfg: Config, env) -> int:
     return p if p > 0 else max(1, int(env.get_parallelism()))
 
 
-def _murmur(code: int) -> int:
-    """Flink's ``MathUtils.murmurHash(int)`` (32-bit arithmetic)."""
-    m = 0xFFFFFFFF
-
-    def rotl(x, r):
-        return ((x << r) | (x >> (32 - r))) & m
-
-    code &= m
-    code = (code * 0xCC9E2D51) & m
-    code = rotl(code, 15)
-    code = (code * 0x1B873593) & m
-    code = rotl(code, 13)
-    code = (code * 5 + 0xE6546B64) & m
-    code ^= 4
-    code ^= code >> 16                       # bitMix
-    code = (code * 0x85EBCA6B) & m
-    code ^= code >> 13
-    code = (code * 0xC2B2AE35) & m
-    code ^= code >> 16
-    signed = code - (1 << 32) if code & 0x80000000 else code
-    if signed >= 0:
-        return signed
-    return -signed if signed != -(1 << 31) else 0
-
-
 def flink_subtask_of(key: int, parallelism: int, max_parallelism: int = 128) -> int:
-    """The subtask Flink routes an ``Integer`` key to (``KeyGroupRangeAssignment``)."""
-    key_group = _murmur(key) % max_parallelism
-    return key_group * parallelism // max_parallelism
+    """The subtask Flink sends an int key of a PyFlink ``key_by`` to: PyFlink keys by a
+    ``Row(key)``, and Flink's own ``KeyGroupRangeAssignment`` (called through the gateway, so
+    it is Flink's hash, not a copy of it) picks the key group and the subtask."""
+    from pyflink.java_gateway import get_gateway
+
+    gw = get_gateway()
+    arr = gw.new_array(gw.jvm.Object, 1)
+    arr[0] = int(key)
+    row = gw.jvm.org.apache.flink.types.Row.of(arr)
+    return int(gw.jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment.assignKeyToParallelOperator(
+        row, max_parallelism, parallelism))
 
 
 def shard_keys(p: int, env=None) -> list[int]:
     """For each shard 0..p-1, the smallest int key Flink sends to subtask ``shard``: keyed by
     these, the shards land on distinct subtasks (hash partitioning of 0..p-1 would put some on
-    the same one).
-
-    >>> keys = shard_keys(4)
-    >>> [flink_subtask_of(k, 4) for k in keys]
-    [0, 1, 2, 3]
-    """
+    the same one). Tested by the parallelism tests, which record each shard's subtask."""
     max_p = 128
     if env is not None and int(env.get_max_parallelism()) > 0:
         max_p = int(env.get_max_parallelism())

@@ -46,10 +46,24 @@ def atomic_parquet(path: Path, df) -> None:
 def write_online_frames(cfg: Config, store, seq: int, online: dict, shard: int = 0) -> dict:
     """Feast online writes of one emission of one accumulator shard; their counts go to
     stats/online-<seq>-<shard>.json."""
+    import numpy as np
+
+    from udfs.accumulate import FOLDED_COLUMN
+
     t0 = time.perf_counter()
-    rows = {kt: write_online(store, kt, df) for kt, df in online.items()}
+    rows, lag = {}, []
+    for kt, df in online.items():
+        rows[kt] = write_online(store, kt, df)
+        if FOLDED_COLUMN in df:           # fold -> written (the write returned: readable from here on)
+            folded = df[FOLDED_COLUMN].to_numpy()
+            lag.append((time.time() * 1000 - folded[folded > 0]) / 1000.0)
     stats = {"seq": seq, "shard": shard, "online_rows": rows, "online_s": round(time.perf_counter() - t0, 3),
              "written_at_ms": int(time.time() * 1000)}
+    if lag and sum(len(x) for x in lag):
+        lag = np.concatenate(lag)
+        stats["freshness_s"] = {"n": int(len(lag)), "p50": round(float(np.percentile(lag, 50)), 3),
+                                "p99": round(float(np.percentile(lag, 99)), 3), "max": round(float(lag.max()), 3),
+                                "quantiles": [round(float(q), 4) for q in np.percentile(lag, np.arange(101))]}
     atomic_write(cfg.data_dir / "stats" / f"online-{seq:08d}-{shard:03d}.json", json.dumps(stats).encode())
     return stats
 

@@ -22,6 +22,7 @@ key touched since (Feast online, conflated per key).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,10 +32,12 @@ from udfs.keys import order_by
 from udfs.spec import FeatureSpec, parse_duration
 from udfs.stage import SliceStage
 
-__all__ = ["AccumulatorStage", "AccPart", "AccOut", "MAX_EXPONENT", "KEY_COLUMN"]
+__all__ = ["AccumulatorStage", "AccPart", "AccOut", "MAX_EXPONENT", "KEY_COLUMN", "FOLDED_COLUMN"]
 
 #: key hash column of the feature frames between the accumulators and the merge
 KEY_COLUMN = "_key"
+#: wall-clock ms when an online row's newest event was folded in (the writer measures freshness)
+FOLDED_COLUMN = "_folded_ms"
 
 #: largest r·(t - L) reached before the landmark moves (exp(600) ~ 4e260 < 1.8e308)
 MAX_EXPONENT = 600.0
@@ -70,6 +73,7 @@ class _KeyTable:
         self.ents = [np.zeros(0, object) for _ in entities]
         self.sums = np.zeros((0, n_cols))
         self.last_t = np.zeros(0, np.int64)
+        self.folded_ms = np.zeros(0, np.int64)   # wall clock of each row's last update (freshness; not state)
         self._index = None
         self.new_from = 0        # rows from here on are not in state yet
 
@@ -92,7 +96,9 @@ class _KeyTable:
             sums[:len(self.sums)] = self.sums
             last = np.full(cap, _NO_TIME, np.int64)
             last[:len(self.last_t)] = self.last_t
-            self.sums, self.last_t = sums, last
+            folded = np.zeros(cap, np.int64)
+            folded[:len(self.folded_ms)] = self.folded_ms
+            self.sums, self.last_t, self.folded_ms = sums, last, folded
 
     def rows(self, keys: np.ndarray, is_query: np.ndarray, ents: list) -> np.ndarray:
         """Row of each key; keys first seen in a query row are added (in order of appearance).
@@ -127,6 +133,7 @@ class AccumulatorStage(SliceStage):
         self.landmark: int | None = None
         self.tables = {kt.name: _KeyTable(kt.entities, self._n_cols) for kt in self.spec.key_types}
         self.online_touched = {kt: set() for kt in self.tables}
+        self.rows_in = 0          # rows taken (all key types), for the sharding balance in the bench
 
     def _params(self) -> dict:
         return {"spec": self.spec, "shard": self.shard, "shards": self.shards, "parts": self.parts,
@@ -180,6 +187,7 @@ class AccumulatorStage(SliceStage):
 
     def _take(self, seq: int, payloads: list) -> list:
         clock, final = payloads[0].clock, payloads[0].final
+        self._now_ms = int(time.time() * 1000)
         if clock is not None:
             self._move_landmark(int(clock))
         out = AccOut(seq=seq, shard=self.shard)
@@ -189,11 +197,13 @@ class AccumulatorStage(SliceStage):
             if not parts:
                 continue
             cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if len(parts) > 1 else parts[0]
+            self.rows_in += len(cols["t"])
             order = order_by(cols["t"], cols["rank"], cols["id"])
             self._accumulate(kt, {c: v[order] for c, v in cols.items()}, out)
         for kt, rows in self.online_touched.items():
             if rows and (final or (seq + 1) % self.online_every == 0):
-                out.online[kt] = self._feature_frame(kt, np.fromiter(sorted(rows), np.int64))
+                r = np.fromiter(sorted(rows), np.int64)
+                out.online[kt] = self._feature_frame(kt, r).assign(**{FOLDED_COLUMN: self.tables[kt].folded_ms[r]})
                 self.online_touched[kt] = set()
         return [out]
 
@@ -236,6 +246,7 @@ class AccumulatorStage(SliceStage):
             np.add.at(tab.sums, rows, vals)
             np.maximum.at(tab.last_t, rows, ct)
             touched = np.unique(rows)
+            tab.folded_ms[touched] = self._now_ms
             out.features[kt] = self._feature_frame(kt, touched)
             self.online_touched[kt].update(touched.tolist())
 

@@ -91,6 +91,7 @@ class AttributionStage(SliceStage):
         self.seen_chunks: dict[int, tuple[int, dict]] = {}
         self._seen_cache = None
         self._dec_cache = None
+        self.events_in = 0        # events taken, for the sharding balance in the bench
 
     def _params(self) -> dict:
         return {"spec": self.spec, "shard": self.shard, "shards": self.shards, "acc_shards": self.acc_shards,
@@ -136,6 +137,7 @@ class AttributionStage(SliceStage):
     # ------------------------------------------------------------------ slice
     def _take(self, seq: int, payloads: list) -> list:
         p: ReaderPart = payloads[0]
+        self.events_in += sum(len(df) for df in p.batches.values())
         wm = self.watermark
         quarantine = []
         new_seen = {}

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from schemas import CONTRACTS
-from udfs.accumulate import KEY_COLUMN, AccPart, AccumulatorStage
+from udfs.accumulate import FOLDED_COLUMN, KEY_COLUMN, AccPart, AccumulatorStage
 from udfs.attribution import AttributionStage, ReaderPart
 from udfs.keys import id_hash, order_by, shard_of
 from udfs.spec import KINDS, KIND_RANK, METRICS, FeatureSpec, parse_duration
@@ -161,6 +161,8 @@ def merge_slice(spec: FeatureSpec, router_outs: list, acc_outs: list) -> SliceOu
         if f is not None:
             out.features[kt] = f
         o = _sorted_frames([a.online.get(kt) for a in acc_outs], key=KEY_COLUMN)
+        if o is not None and FOLDED_COLUMN in o:
+            o = o.drop(columns=FOLDED_COLUMN)          # wall clock: the freshness measurement only
         if o is not None:
             out.online[kt] = o
     out.quarantine = [q for r in router_outs for q in r.quarantined]
