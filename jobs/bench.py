@@ -523,8 +523,9 @@ def main(argv=None) -> None:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--naive-events", type=int, default=50_000)
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--only", choices=("all", "learner"), default="all",
-                   help="learner: only the learner entries (on the hand-off of an earlier run if there is one)")
+    p.add_argument("--only", choices=("all", "features", "learner"), default="all",
+                   help="features: only the features entries; learner: only the learner entries (on the "
+                        "hand-off of an earlier run if there is one)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -556,7 +557,7 @@ def main(argv=None) -> None:
         (out / "features.json").write_text(json.dumps(results, indent=2))
 
     handoff = out / "run-features-no-online"
-    if args.only == "all" or not (handoff / "handoff").exists():
+    if args.only in ("all", "features") or not (handoff / "handoff").exists():
         # parallelism 1 and 2 without online writes, same input, same run
         for p_ in (1, 2):
             s = run_features(sim, out / f"run-features-p{p_}" if p_ == 1 else handoff, write_online=False,
@@ -597,6 +598,11 @@ def main(argv=None) -> None:
         p2 = results["features_p2"]
         results["projection"] = projection(p2["events"], p2["stage_seconds"], p2["wall_seconds"] - startup)
         save()
+    if args.only == "features":
+        write_summary(out, results)
+        print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
+        return
+    if args.only == "all":
         o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
         results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
                                "commit_seconds": o["commit_seconds"], "engine_seconds": o["engine_seconds"],
