@@ -156,14 +156,22 @@ def test_value_and_timestamp_encodings_equal_protobufs():
     from feast.protos.feast.types.Value_pb2 import Value
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from jobs.feast_redis import double_values_blob, timestamp_proto_bytes
+    from jobs.feast_redis import double_values_blob, timestamp_proto_bytes, timestamp_proto_slots
 
+    rng = np.random.default_rng(3)
     xs = [0.0, -0.0, 1.0, -1.5, 1 / 3, 1e-310, 1.7976931348623157e308, float("inf"), float("-inf"),
-          float("nan"), *np.random.default_rng(3).normal(0, 1e6, 200)]
+          float("nan"), *rng.normal(0, 1e6, 200)]
     assert double_values_blob(np.array([xs])) == b"".join(Value(double_val=x).SerializeToString() for x in xs)
-    for s, n in [(0, 0), (1, 0), (0, 1), (127, 128), (1767225600, 0), (1767225600, 123_456_000),
-                 (2**31, 999_999_999), (2**35 + 5, 1000)]:
-        assert timestamp_proto_bytes(s, n) == Timestamp(seconds=s, nanos=n).SerializeToString(), (s, n)
+    secs = [0, 1, 0, 127, 128, 1767225600, 1767225600, 2**31, 2**35 - 1, *rng.integers(0, 2**35, 300)]
+    nanos = [0, 0, 1, 128, 16383, 0, 123_456_000, 999_999_999, 1000, *rng.integers(0, 10**9, 300)]
+    nanos[-100:] = [n // 1000 * 1000 if i % 2 else 0 for i, n in enumerate(nanos[-100:])]
+    slots, lens = timestamp_proto_slots(secs, nanos)
+    for i, (s, n) in enumerate(zip(secs, nanos)):
+        want = Timestamp(seconds=int(s), nanos=int(n)).SerializeToString()
+        assert slots[i, :lens[i]].tobytes() == want, (s, n)
+        assert timestamp_proto_bytes(int(s), int(n)) == want
+    with pytest.raises(ValueError):
+        timestamp_proto_slots([-1], [0])
 
 
 def test_lua_writer_writes_feasts_own_layout_and_feast_reads_it_back(lua_store):
