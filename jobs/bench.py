@@ -95,14 +95,16 @@ def stage_seconds(data: Path) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def freshness(data: Path) -> dict:
-    """p50/p99 of fold -> written over every online row of a run (from the writers' quantiles)."""
+def freshness(data: Path, skip_slices: int = 0) -> dict:
+    """p50/p99 of fold -> written over every online row of a run (from the writers' quantiles),
+    leaving out the first ``skip_slices`` slices when asked (the writers' cold start)."""
     import numpy as np
 
     samples, weights = [], []
     for f in (data / "stats").glob("online-*.json"):
-        fr = json.loads(f.read_text()).get("freshness_s")
-        if fr:
+        st = json.loads(f.read_text())
+        fr = st.get("freshness_s")
+        if fr and st["seq"] >= skip_slices:
             samples.append(np.array(fr["quantiles"]))
             weights.append(np.full(101, fr["n"] / 101.0))
     if not samples:
@@ -152,8 +154,10 @@ def run_freshness(sim: Path, data: Path, redis: str, events_per_second: float, p
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+    steady = {f"after_warmup_{k}": v for k, v in freshness(data, skip_slices=max(1, len(lines) // 10)).items()}
     return {"interval_s": round(interval, 3), "paced_events_per_second": round(events_per_second),
-            "slices": len(list((data / "stats").glob("slice-*.json"))), **freshness(data)}
+            "slices": len(list((data / "stats").glob("slice-*.json"))), **freshness(data), **steady,
+            "warmup_slices": max(1, len(lines) // 10)}
 
 
 def shard_balance(cfg, sim: Path, shards: int = 4) -> dict:

@@ -1,28 +1,36 @@
 """outcomes: decisions joined to their clicks and conversions, with survival-based
-delayed labels, committed exactly once to Iceberg.
+delayed labels, committed exactly once to Iceberg; sharded by decision id at the configured
+parallelism P (``parallelism.default``, ``flink run -p``, or ``STREAMLIFT_FLINK__PARALLELISM``).
 
 ::
 
     FileSource(<features data>/handoff)   one JSON line per slice of the features job (bounded, or --follow)
       │ str
+      ▼ read-split      [Python × P]   read the slice's enriched decisions and attributed outcomes
+      │                                (Parquet), split them by hash(decision_id)
+      ▼ key_by(shard)
+      ▼ outcome-shard   [Python × P]   udfs.outcomes.OutcomeShard: join, dedupe, windows; at each epoch
+      │                                (every outcomes.commit_every of event time, and at end of input)
+      │                                its held rows and the delay model's sufficient statistics
+      ▼ key_by(labeller)               statistics to every labeller, rows to the shard's own
+      ▼ label-write     [Python × P]   udfs.outcomes.EpochLabeller: the same delay fit in every labeller
+      │                                from the summed statistics; labels its rows and writes their data
+      │                                files (one per day partition) into the table's folder, uncommitted
       ▼ key_by(0)
-      ▼ outcomes-engine   [Python, keyed]  reads the slice's enriched decisions and attributed
-      │                                    outcomes (Parquet); udfs.outcomes.OutcomeEngine joins them,
-      │                                    refits the delay model and labels rows at each epoch
-      │                                    (every outcomes.commit_every of event time, and at end of input);
-      │                                    commits each epoch to Iceberg: outcomes_v1 (day partitions
-      │                                    replaced), delay_models_v1, quarantine_v1
-      │                                    MapState: engine snapshot at each epoch + log of the slices since
-      ▼ per-epoch stats (JSON)
+      ▼ commit          [Python × 1]   udfs.outcomes.EpochCommitter: once every labeller's files of the
+                                       epoch are in, one Iceberg commit per table stamped with the epoch:
+                                       outcomes_v1 (open day partitions replaced by the new files),
+                                       delay_models_v1, quarantine_v1
 
 Exactly once without checkpoint hooks: every commit is stamped with its epoch (the
-event-time clock of the cut) and skipped if the table already has it; after a
-restart the engine is restored from its last snapshot and the logged slices are
-processed again, which cuts the same epochs with the same contents.
+event-time clock of the cut) and skipped if the table already has it; data files have
+deterministic names (epoch, shard), so a retried epoch rewrites the same files; a crash
+between the writers' files and the commit (tested with SIGKILL there) restarts from the
+last checkpoint, the epoch is cut and written again, and committed once.
 
     python -m jobs.outcomes --input data/run               # bounded: every slice handed off so far
     python -m jobs.outcomes --input data/run --follow      # keep taking slices as they are handed off
-    flink run -py jobs/outcomes.py -pyfs schemas,udfs,jobs -- --input ...   (see Makefile)
+    flink run -p 2 -py jobs/outcomes.py -pyfs schemas,udfs,jobs -- --input ...   (see Makefile)
 """
 
 from __future__ import annotations
@@ -45,42 +53,138 @@ def stats_dir(cfg: Config) -> Path:
 
 
 def commit(cfg: Config, tables: dict, epoch, timing: dict | None = None) -> dict:
-    """Commit one epoch to the three tables (each skips an epoch it already has)."""
-    from jobs.iceberg_store import commit_append, commit_partitions
+    """Commit one epoch to the three tables (each skips an epoch it already has). The outcome
+    rows come as the data files the labellers wrote (``epoch.files``) or as a table."""
+    from jobs.iceberg_store import commit_append, commit_day_files, commit_partitions
     from jobs.sinks import atomic_write
 
     t0 = time.perf_counter()
+    _crash_point("before_commit", epoch)
+    if epoch.outcomes is None:
+        out = commit_day_files(tables["outcome"], epoch.days, epoch.files, epoch.epoch, "decision_time")
+    else:
+        out = commit_partitions(tables["outcome"], epoch.outcomes, epoch.epoch, "decision_time")
     done = {"quarantine": commit_append(tables["quarantine"], epoch.quarantine, epoch.epoch),
             "delay_model": commit_append(tables["delay_model"], epoch.delay_models, epoch.epoch),
-            "outcome": commit_partitions(tables["outcome"], epoch.outcomes, epoch.epoch, "decision_time")}
+            "outcome": out}
     stats = {"epoch": epoch.epoch, "seq": epoch.seq, "committed": done, **epoch.counts,
              "timing": {**(timing or {}), "commit_s": round(time.perf_counter() - t0, 3)}}
     atomic_write(stats_dir(cfg) / f"epoch-{epoch.epoch}.json", json.dumps(stats).encode())
     return stats
 
 
-def _engine_function(cfg: Config):
-    """One OutcomeEngine, replayed from its last epoch after a restore (jobs.flink_env)."""
-    from jobs.flink_env import replayed_engine
-    from udfs.outcomes import OutcomeEngine
+def _crash_point(name: str, epoch) -> None:
+    """Fault injection for tests: with STREAMLIFT_CRASH_AT=<name>:<epoch> the Python worker
+    kills itself (SIGKILL) at that point, once (STREAMLIFT_CRASH_MARKER: a file made first)."""
+    import os
 
-    params = cfg.outcome_params()
+    want = os.environ.get("STREAMLIFT_CRASH_AT")
+    marker = os.environ.get("STREAMLIFT_CRASH_MARKER")
+    if not want or not marker or want != f"{name}:{epoch.epoch}" or os.path.exists(marker):
+        return
+    Path(marker).write_text(f"{name} {epoch.epoch} {len(epoch.files)} files written\n")
+    import signal
 
-    def setup():
-        from jobs.iceberg_store import open_tables
-        return open_tables(cfg)
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def take(engine, s, timing):
+
+_TABLES = {}
+
+
+def _tables(cfg: Config) -> dict:
+    from jobs.iceberg_store import open_tables
+
+    key = str(cfg.data_dir)
+    if key not in _TABLES:
+        _TABLES[key] = open_tables(cfg)
+    return _TABLES[key]
+
+
+def build(env, cfg: Config, input_dir: Path, follow: bool = False):
+    """Wire the job into ``env``; returns the per-epoch stats (JSON strings)."""
+    import pickle
+
+    from pyflink.common import Types
+    from pyflink.datastream import FlatMapFunction
+
+    from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
+    from jobs.iceberg_store import last_epoch, write_day_files
+    from udfs.outcomes import EpochCommitter, EpochLabeller, EpochPart, OutcomeEngine, OutcomeShard, split_handoff
+
+    p = parallelism(cfg, env)
+    env.set_parallelism(p)
+    template = OutcomeEngine(**cfg.outcome_params(), shards=p)
+    keys = shard_keys(p, env)
+    shard_of_key = {k: s for s, k in enumerate(keys)}
+
+    def keyed():
+        return Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()])
+
+    class ReadSplit(FlatMapFunction):
+        def flat_map(self, line):
+            from udfs.ingest import read_handoff
+
+            t0 = time.perf_counter()
+            h = read_handoff(line)
+            parts = split_handoff(h.seq, h.decisions, h.outcomes, h.clock, h.final, h.quarantined, p)
+            parts[0].read_s = round(time.perf_counter() - t0, 3)
+            for i, part in enumerate(parts):
+                yield keys[i], pickle.dumps(part, protocol=5)
+
+    def shard_take(stage, blob, timing):
+        part = pickle.loads(blob)
         t0 = time.perf_counter()
-        epochs = engine.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final, s.quarantined)
-        timing["engine_s"] = round(time.perf_counter() - t0, 3)
-        return epochs
+        outs = stage.offer(part.seq, 0, part)
+        for o in outs:
+            o.counts["engine_s"] = round(time.perf_counter() - t0, 3)
+        return outs
 
-    def publish(tables, epoch, timing):
-        return json.dumps(commit(cfg, tables, epoch, timing))
+    def shard_emit(ep, timing):
+        for j in range(p):           # statistics to every labeller, the rows to the shard's own
+            part = ep if j == ep.shard else EpochPart(ep.index, ep.epoch, ep.seq, ep.shard, ep.active,
+                                                      ep.stats, None, [], ep.counts)
+            yield None, (keys[j], pickle.dumps(part, protocol=5))
 
-    return replayed_engine("outcomes", lambda: OutcomeEngine(**params), OutcomeEngine.restore,
-                           take, publish, setup)
+    def label_take(stage, blob, timing):
+        part = pickle.loads(blob)
+        return stage.offer(part.index, part.shard, part)
+
+    def label_emit(lp, timing):
+        table = _tables(cfg)["outcome"]
+        if not lp.skip:             # the data files of this shard's rows, written, not committed
+            t0 = time.perf_counter()
+            table.refresh()
+            done = last_epoch(table)
+            # an epoch already committed (a replay) keeps its files untouched; the committer skips it
+            lp.files = [] if done is not None and lp.epoch <= done else \
+                write_day_files(table, lp.outcomes, lp.epoch, "decision_time", tag=f"shard{lp.shard}")
+            lp.outcomes = None
+            lp.counts = {**lp.counts, "write_s": round(time.perf_counter() - t0, 3)}
+        yield None, (0, pickle.dumps(lp, protocol=5))
+
+    def commit_take(stage, blob, timing):
+        lp = pickle.loads(blob)
+        return stage.offer(lp.index, lp.shard, lp)
+
+    def commit_emit(epoch, timing):
+        yield None, json.dumps(commit(cfg, _tables(cfg), epoch, timing))
+
+    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
+    parts = (lines.flat_map(ReadSplit(), output_type=keyed()).name("read-split").uid("read-split")
+             .set_parallelism(p))
+    cut = (parts.key_by(lambda t: t[0], key_type=Types.INT())
+           .process(stage_function("outcomes", OutcomeShard, lambda k: template.shard_params(shard_of_key[k]),
+                                   shard_take, shard_emit, flush_at_end=True), output_type=keyed())
+           .name("outcome-shard").uid("outcome-shard").set_parallelism(p))
+    labelled = (cut.key_by(lambda t: t[0], key_type=Types.INT())
+                .process(stage_function("labeller", EpochLabeller,
+                                        lambda k: template.labeller_params(shard_of_key[k]),
+                                        label_take, label_emit), output_type=keyed())
+                .name("label-write").uid("label-write").set_parallelism(p))
+    return (labelled.key_by(lambda t: t[0], key_type=Types.INT())
+            .process(stage_function("committer", EpochCommitter, lambda k: {"shards": p},
+                                    commit_take, commit_emit), output_type=Types.STRING())
+            .name("commit").uid("commit").set_parallelism(1))
 
 
 def summarize(cfg: Config) -> dict:
@@ -93,16 +197,26 @@ def summarize(cfg: Config) -> dict:
     return {"epochs": len(epochs), "last_epoch": last["epoch"], "totals": last.get("totals"),
             "rows_last_epoch": last["rows"], "interim": last["interim"], "final": last["final"],
             "commit_seconds": round(sum(e["timing"]["commit_s"] for e in epochs), 2),
-            "engine_seconds": round(sum(e["timing"].get("engine_s", 0) for e in epochs), 2)}
+            "engine_seconds": round(sum(e.get("engine_s", 0) for e in epochs), 2),
+            "write_seconds": round(sum(e.get("write_s", 0) for e in epochs), 2)}
 
 
 def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
         overrides: dict | None = None) -> dict:
     """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
     ``follow``; returns a summary."""
-    from jobs.flink_env import run_handoff_job
+    from jobs.flink_env import job_env, terminate
+    from jobs.iceberg_store import open_tables
 
-    return run_handoff_job(cfg, "outcomes", _engine_function(cfg), summarize, input_dir, follow, overrides)
+    input_dir = Path(input_dir or cfg.data_dir)
+    open_tables(cfg)
+    t0 = time.time()
+    env = job_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-outcomes", overrides=overrides)
+    terminate(build(env, cfg, input_dir, follow))
+    env.execute("streamlift-outcomes")
+    summary = summarize(cfg)
+    summary["wall_seconds"] = round(time.time() - t0, 2)
+    return summary
 
 
 def main(argv=None) -> None:

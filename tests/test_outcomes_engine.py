@@ -242,3 +242,27 @@ def test_interim_labels_estimate_the_open_cohorts_rate_within_3_percent(simulate
     est, naive = open_.conversion_label.mean(), open_.converted.mean()
     assert est == pytest.approx(true, rel=0.03)
     assert naive < 0.9 * true          # the naive observed rate is biased low
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_outcomes_equal_one_shard(shards):
+    """Shards by decision id, one delay fit from their summed statistics, one committer: every
+    epoch's rows, fit and quarantine equal the single shard's, exactly."""
+    slices, _, outs = stream(seed=3)
+    bad = outs.iloc[:5].assign(event_id=lambda d: d.event_id)          # redelivered: duplicates
+    slices[5] = (slices[5][0], slices[5][1], pd.concat([slices[5][2], bad], ignore_index=True), slices[5][3])
+    _, one = run(slices)
+    eng = OutcomeEngine(conversion_window="2d", commit_every="1d", shards=shards)
+    many = []
+    for seq, d, o, c in slices:
+        many += eng.offer(seq, d, o, c, final=(seq == len(slices) - 1))
+    assert [e.epoch for e in one] == [e.epoch for e in many] and len(one) >= 5
+    for a, b in zip(one, many):
+        ra = a.outcomes.sort_by("decision_id")
+        rb = b.outcomes.sort_by("decision_id")
+        assert ra.equals(rb), a.epoch
+        assert a.delay_models.equals(b.delay_models)
+        assert a.quarantine.equals(b.quarantine)
+        assert a.days == b.days and a.counts == b.counts
+    assert sum(len(e.quarantine) for e in many) > 0
+    assert all(p.held_rows() > 0 or p.totals["processed"] for p in eng.parts)   # every shard did work

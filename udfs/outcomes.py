@@ -1,11 +1,26 @@
 """The outcomes engine: decisions joined to their clicks and conversions, with
-survival-based delayed labels, cut into idempotent commit epochs.
+survival-based delayed labels, cut into idempotent commit epochs, sharded by decision id.
 
-Plain Python and numpy, no Flink. ``jobs/outcomes.py`` runs it inside one keyed
-Flink operator and hands it one *slice* at a time: the decisions the features
-job released (enriched, point-in-time), the clicks and conversions it
-attributed, and its event-time clock (the watermark: every event at or before
-it has been released).
+Plain Python and numpy, no Flink. Three stages (:class:`udfs.stage.SliceStage`), which
+``jobs/outcomes.py`` runs as keyed Flink operators and :class:`OutcomeEngine` runs in one
+process::
+
+    hand-off slice ─ split by hash(decision_id) ─► OutcomeShard × P    join, dedupe, windows;
+                                                   │                   at each epoch: its rows (unlabelled)
+                                                   │                   and the delay model's sufficient
+                                                   │                   statistics
+                      stats to every labeller, ────┤
+                      rows to its own              ▼
+                                                 EpochLabeller × P     sums the statistics of all shards,
+                                                   │                   fits the delay model (the same fit
+                                                   │                   in every labeller), labels its rows;
+                                                   │                   the job writes their data files here
+                                                   ▼
+                                                 EpochCommitter × 1    one commit per epoch, once
+
+The shards take the decisions the features job released (enriched, point-in-time),
+the clicks and conversions it attributed, and its event-time clock (the watermark:
+every event at or before it has been released), one *slice* at a time.
 
 Per slice, in sequence order (out-of-order slices wait for their turn):
 
@@ -16,11 +31,15 @@ Per slice, in sequence order (out-of-order slices wait for their turn):
    waits, and is ``unattributed`` once the clock has passed it (its decision,
    which is older, would have been released by then);
 3. when the clock crosses a multiple of ``commit_every`` (or at end of input) an
-   :class:`Epoch` is cut: the delay model is refitted (new version), every held
-   row is (re)labelled as of the clock, and the rows of each open decision day
-   are emitted to replace that day's partition. Days whose every decision has
-   passed its conversion window are then final and leave the held set; their
-   counts stay in per-campaign sufficient statistics for later fits.
+   :class:`Epoch` is cut in every shard (the clock is the same in all): the delay model
+   is refitted (new version) from the summed sufficient statistics of all shards (per
+   campaign: count and delay sum of the converted, a histogram of censoring times of
+   the rest in ``STAT_BIN_MS`` bins, and the retired days' counts), every held row is
+   (re)labelled as of the clock, and the rows of each open decision day are emitted to
+   replace that day's partition. Days whose every decision has passed its conversion
+   window are then final and leave the held set; their counts stay in per-campaign
+   sufficient statistics for later fits. An epoch in which no shard holds or changed
+   anything is skipped.
 
 The epoch id is the clock of the cut: deterministic, strictly increasing, the
 same on replay. A writer that skips epochs at or below the last committed one
@@ -56,13 +75,18 @@ import pyarrow as pa
 
 from schemas import table_contract
 from udfs.delay import HOUR_MS, ExponentialCureModel, interim_label
-from udfs.features import parse_duration
+from udfs.keys import id_hash, shard_of
+from udfs.spec import parse_duration
+from udfs.stage import SliceStage
 
-__all__ = ["OutcomeEngine", "Epoch", "DAY_MS", "DECISION_COLUMNS"]
+__all__ = ["OutcomeEngine", "OutcomeShard", "EpochLabeller", "EpochCommitter", "Epoch", "EpochPart",
+           "LabelledPart", "split_handoff", "fit_delay_models", "DAY_MS", "DECISION_COLUMNS", "STAT_BIN_MS"]
 
 DAY_MS = parse_duration("1d")      # day partitions (UTC days since the epoch, as Iceberg's day transform)
 _KIND_RANK = {"click": 0, "conversion": 1}
 GLOBAL = "*"
+#: censoring times of open decisions are summed per campaign in bins of this width for the fit
+STAT_BIN_MS = 60_000
 
 _OUT = table_contract("outcome")
 #: decision attributes carried into the outcome rows (from the enriched decisions)
@@ -86,6 +110,7 @@ class Epoch:
     delay_models: pa.Table              # delay_models_v1 rows of this fit
     quarantine: pa.Table                # quarantine_v1 rows since the previous epoch
     counts: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)   # data files the job's labellers wrote (outcomes then None)
 
 
 def _decision_schema() -> pa.Schema:
@@ -111,18 +136,158 @@ def _as_decision_table(df) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=_DEC_SCHEMA)
 
 
-class OutcomeEngine:
-    """Joins decisions and outcomes, labels them with a refitted delay model, cuts epochs.
+@dataclass
+class HandoffPart:
+    """One shard's part of a hand-off slice."""
+    seq: int
+    decisions: object          # pa.Table / pd.DataFrame of enriched decisions, or None
+    outcomes: object           # pd.DataFrame of attributed outcomes, or None
+    clock: int | None
+    final: bool
+    quarantined: list          # the features job's quarantine of the slice (shard 0 only)
 
-    Parameters are stored unchanged (durations as given).
-    """
 
-    def __init__(self, click_window="1h", conversion_window="7d", commit_every="1d",
-                 prior_strength=50.0):
+def split_handoff(seq, decisions, outcomes, clock, final=False, quarantined=(), shards: int = 1) -> list:
+    """One :class:`HandoffPart` per shard, by ``hash(decision_id)``; every shard gets the clock."""
+    parts = [HandoffPart(seq, None, None, clock, final, list(quarantined) if i == 0 else [])
+             for i in range(shards)]
+    if shards == 1:
+        parts[0].decisions, parts[0].outcomes = decisions, outcomes
+        return parts
+    if decisions is not None and len(decisions):
+        tbl = decisions if isinstance(decisions, pa.Table) else pa.Table.from_pandas(decisions, preserve_index=False)
+        s = shard_of(id_hash(tbl.column("decision_id").to_numpy(zero_copy_only=False)), shards)
+        for i in range(shards):
+            parts[i].decisions = tbl.filter(pa.array(s == i))
+    if outcomes is not None and len(outcomes):
+        s = shard_of(id_hash(outcomes["decision_id"].to_numpy(object)), shards)
+        for i in range(shards):
+            parts[i].outcomes = outcomes[s == i].reset_index(drop=True)
+    return parts
+
+
+@dataclass
+class EpochPart:
+    """What one shard cut at one epoch."""
+    index: int                 # the cut's number (every shard cuts at the same slices)
+    epoch: int                 # the clock of the cut: the commit id
+    seq: int
+    shard: int
+    active: bool               # held rows, or changes since the previous cut
+    stats: dict                # the delay model's sufficient statistics (per campaign)
+    rows: pa.Table | None      # held rows, every outcomes_v1 column but the label's two
+    quarantine: list           # (job, seq, stream, reason, record, id) since the previous cut
+    counts: dict
+
+
+@dataclass
+class LabelledPart:
+    """One shard's labelled rows of one epoch (or, in the job, the data files holding them)."""
+    index: int
+    epoch: int
+    seq: int
+    shard: int
+    skip: bool
+    outcomes: pa.Table | None = None
+    days: list = field(default_factory=list)
+    delay_models: pa.Table | None = None     # the fit (the same in every labeller; sent by shard 0)
+    quarantine: pa.Table | None = None
+    counts: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)   # data files written by the job (then outcomes is None)
+
+
+_EMPTY_STAT = {"held": 0, "final": 0, "conv_n": 0, "conv_delay_ms": 0,
+               "open_bins": np.zeros(0, np.int64), "open_n": np.zeros(0, np.int64),
+               "open_ms": np.zeros(0, np.int64), "retired": (0, 0, 0)}
+
+
+def merge_stats(parts: list) -> dict:
+    """Sum the shards' statistics (integers only: the same sums in any order)."""
+    out = {}
+    for stats in parts:
+        for c, s in stats.items():
+            m = out.setdefault(c, dict(_EMPTY_STAT))
+            for k in ("held", "final", "conv_n", "conv_delay_ms"):
+                m[k] = m[k] + s[k]
+            m["retired"] = tuple(a + b for a, b in zip(m["retired"], s["retired"]))
+            bins = np.concatenate([m["open_bins"], s["open_bins"]])
+            n = np.concatenate([m["open_n"], s["open_n"]])
+            ms = np.concatenate([m["open_ms"], s["open_ms"]])
+            ub, inv = np.unique(bins, return_inverse=True)
+            m["open_bins"] = ub
+            m["open_n"] = np.bincount(inv, weights=n, minlength=len(ub)).astype(np.int64) if len(ub) else n
+            agg = np.zeros(len(ub), np.int64)
+            np.add.at(agg, inv, ms)
+            m["open_ms"] = agg
+    return out
+
+
+def fit_delay_models(stats: dict, previous: dict, prior_strength: float, window_ms: int, version: int,
+                     clock: int) -> tuple[dict, pa.Table]:
+    """Per-campaign (p, λ) from summed statistics, shrunk towards the global fit, warm-started
+    from ``previous``; returns the models and their delay_models_v1 rows."""
+    W_h = window_ms / HOUR_MS
+
+    def data_for(camps):
+        conv, d, e, w = [], [], [], []
+        for c in camps:
+            s = stats[c]
+            non, rc, rdelay = s["retired"]
+            n_conv, delay_ms = s["conv_n"] + rc, s["conv_delay_ms"] + rdelay
+            if n_conv:
+                conv.append([True]); d.append([delay_ms / n_conv / HOUR_MS]); e.append([W_h]); w.append([n_conv])
+            if len(s["open_n"]):
+                k = len(s["open_n"])
+                conv.append([False] * k); d.append([0.0] * k)
+                e.append((s["open_ms"] / s["open_n"] / HOUR_MS).tolist()); w.append(s["open_n"].tolist())
+            if non:
+                conv.append([False]); d.append([0.0]); e.append([W_h]); w.append([non])
+        if not conv:
+            return [np.zeros(0, bool), np.zeros(0), np.zeros(0), np.zeros(0)]
+        return [np.concatenate([np.asarray(x, t) for x in xs]) for xs, t in
+                ((conv, bool), (d, float), (e, float), (w, float))]
+
+    camps = sorted(stats)
+    g_data = data_for(camps)
+    g = ExponentialCureModel().fit(*g_data[:3], weight=g_data[3], init=previous.get(GLOBAL))
+    fits = {GLOBAL: g}
+    for c in camps:
+        if g.n_converted_ == 0:
+            fits[c] = g
+            continue
+        c_data = data_for([c])
+        fits[c] = ExponentialCureModel(prior_p=g.p_, prior_lam=g.lam_, prior_strength=prior_strength) \
+            .fit(*c_data[:3], weight=c_data[3], init=previous.get(c))
+    rows = []
+    for c, f in fits.items():
+        cs = camps if c == GLOBAL else [c]
+        matured = sum(stats[k]["final"] + stats[k]["retired"][0] + stats[k]["retired"][1] for k in cs)
+        rows.append({"model_key": f"{version}|{c}", "version": version, "campaign_id": c,
+                     "fitted_at": clock * 1000, "conversion_prob": f.p_, "delay_rate_per_hour": f.lam_,
+                     "mean_delay_hours": 1.0 / f.lam_ if f.lam_ > 0 else float("inf"),
+                     "decisions": f.n_, "conversions": f.n_converted_, "matured_decisions": matured,
+                     "epoch": clock})
+    models = {c: (f.p_, f.lam_) for c, f in fits.items()}
+    return models, pa.Table.from_pylist(rows, schema=table_contract("delay_model").arrow_schema())
+
+
+def quarantine_table(entries: list, clock: int) -> pa.Table:
+    rows = [{"quarantine_id": qid, "job": job, "seq": seq, "stream": stream, "reason": reason,
+             "reason_kind": reason.split(":", 1)[0], "record": record, "epoch": clock}
+            for job, seq, stream, reason, record, qid in sorted(entries, key=lambda q: q[5])]
+    return pa.Table.from_pylist(rows, schema=table_contract("quarantine").arrow_schema())
+
+
+class OutcomeShard(SliceStage):
+    """The held decisions of one shard (``hash(decision_id)``), their outcomes, and epoch cuts."""
+
+    def __init__(self, click_window="1h", conversion_window="7d", commit_every="1d", shard: int = 0,
+                 shards: int = 1, snapshot_every: int = 4):
+        super().__init__(parts=1, snapshot_every=snapshot_every)
         self.click_window = click_window
         self.conversion_window = conversion_window
         self.commit_every = commit_every
-        self.prior_strength = prior_strength
+        self.shard, self.shards = int(shard), int(shards)
 
         self._windows = {"click": parse_duration(click_window), "conversion": parse_duration(conversion_window)}
         self._W = self._windows["conversion"]
@@ -140,55 +305,51 @@ class OutcomeEngine:
         self.index: dict[str, int] = {}              # decision_id -> row
         self.seen: dict[str, int] = {}               # outcome event id -> its decision's time
         self.orphans: list[tuple] = []               # outcomes whose decision is not held (yet)
-        self.quarantine: list[tuple] = []            # (job, seq, stream, reason, record) since last epoch
-        self.final_stats: dict[str, list] = {}       # campaign -> [non-converted, converted, Σ delay h, n]
-        self.models: dict[str, tuple] = {}           # campaign -> (p, λ per hour) of the latest fit
-        self.version = 0
+        self.quarantine: list[tuple] = []            # (job, seq, stream, reason, record, id) since last cut
+        self._qcount: dict[str, int] = {}
+        self.final_stats: dict[str, list] = {}       # campaign -> [non-converted, converted, Σ delay ms]
         self.clock: int | None = None
         self.last_epoch: int | None = None
-        self.next_seq = 0
-        self.waiting: dict[int, tuple] = {}
+        self.cuts = 0
         self.dirty = False                           # changes not yet in an epoch
         self.totals = {"in": {}, "processed": {}, "quarantined": {}}
 
-    # ------------------------------------------------------------------ input
-    def offer(self, seq: int, decisions: pd.DataFrame | None, outcomes: pd.DataFrame | None,
-              clock: int | None, final: bool = False, quarantined=()) -> list[Epoch]:
-        """Hand in slice ``seq``. ``decisions``: enriched decisions (at least the columns of
-        :data:`DECISION_COLUMNS` that exist); ``outcomes``: ``event_id, decision_id, kind,
-        event_time, value``; ``clock``: every event at or before it has been handed in;
-        ``final``: the input ends with this slice; ``quarantined``: records an upstream job
-        quarantined in this slice, ``(stream, reason, record as JSON)``, carried into the
-        quarantine table. Returns the epochs cut, in order."""
-        if seq < self.next_seq or seq in self.waiting:
-            return []          # a replayed slice already taken
-        self.waiting[seq] = (decisions, outcomes, clock, final, list(quarantined))
-        epochs = []
-        while self.next_seq in self.waiting:
-            s = self.next_seq
-            epochs += self._process(s, *self.waiting.pop(s))
-            self.next_seq += 1
-        return epochs
+    def _params(self) -> dict:
+        return {"click_window": self.click_window, "conversion_window": self.conversion_window,
+                "commit_every": self.commit_every, "shard": self.shard, "shards": self.shards,
+                "snapshot_every": self.snapshot_every}
 
-    def flush(self) -> list[Epoch]:
-        """End of input without a final slice: cut an epoch if anything is uncommitted."""
-        if self.dirty and self.clock is not None:     # (labels as of the clock were cut already)
-            return [self._cut(self.next_seq - 1)]
-        return []
+    def _check_restore(self, stored: dict) -> None:
+        for k in ("shard", "shards", "conversion_window", "click_window", "commit_every"):
+            if stored[k] != getattr(self, k):
+                raise ValueError(f"outcomes state of {k}={stored[k]} restored as {k}={getattr(self, k)}: "
+                                 "start a new run to change it (state is per shard)")
+
+    # ------------------------------------------------------------------ input
+    def _take(self, seq: int, payloads: list) -> list:
+        p: HandoffPart = payloads[0]
+        return self._process(seq, p.decisions, p.outcomes, p.clock, p.final, p.quarantined)
+
+    def _finish(self) -> list:
+        """End of input: a last cut in every shard (the labeller skips it if nothing changed)."""
+        return [self._cut(self.next_seq - 1)] if self.clock is not None else []
 
     def _count(self, what: str, key: str, n: int = 1) -> None:
         d = self.totals[what]
         d[key] = d.get(key, 0) + n
 
-    def _quarantine(self, seq, stream, reason, record) -> None:
-        self.quarantine.append(("outcomes", seq, stream, reason, record))
-        self._count("quarantined", reason.split(":", 1)[0])
+    def _quarantine(self, seq, stream, reason, record, job="outcomes", ident="") -> None:
+        base = f"{job}:{seq}:{stream}:{ident}"
+        n = self._qcount.get(base, 0)
+        self._qcount[base] = n + 1
+        self.quarantine.append((job, seq, stream, reason, record, f"{base}:{n}"))
+        if job == "outcomes":
+            self._count("quarantined", reason.split(":", 1)[0])
         self.dirty = True
 
-    def _process(self, seq, decisions, outcomes, clock, final, quarantined) -> list[Epoch]:
-        for stream, reason, record in quarantined:
-            self.quarantine.append(("features", seq, stream, reason, record))
-            self.dirty = True
+    def _process(self, seq, decisions, outcomes, clock, final, quarantined) -> list:
+        for i, (stream, reason, record) in enumerate(quarantined):
+            self._quarantine(seq, stream, reason, record, job="features", ident=f"{i:07d}")
         if decisions is not None and len(decisions):
             self._add_decisions(seq, decisions)
         if outcomes is not None and len(outcomes):
@@ -203,12 +364,11 @@ class OutcomeEngine:
         if clock is not None and (self.clock is None or clock > self.clock):
             self.clock = int(clock)
         self._join(seq)
-        epochs = []
-        if self.clock is not None and (self.dirty or self.held_rows()):
+        if self.clock is not None:
             crossed = self.last_epoch is None or self.clock // self._every > self.last_epoch // self._every
             if final or crossed:
-                epochs.append(self._cut(seq))
-        return epochs
+                return [self._cut(seq)]
+        return []
 
     def _add_decisions(self, seq, df) -> None:
         # canonical order, whatever the input's: the same rows give the same fits to the last bit
@@ -227,7 +387,8 @@ class OutcomeEngine:
                     batch.add(d)
         if not fresh.all():
             for i in np.flatnonzero(~fresh).tolist():
-                self._quarantine(seq, "decision", "duplicate", _record_json(tbl.slice(i, 1).to_pylist()[0]))
+                self._quarantine(seq, "decision", "duplicate", _record_json(tbl.slice(i, 1).to_pylist()[0]),
+                                 ident=ids[i])
             tbl = tbl.filter(pa.array(fresh))
             ids = [d for d, f in zip(ids, fresh) if f]
         n = len(ids)
@@ -262,17 +423,17 @@ class OutcomeEngine:
             at = self.index.get(did)
             if at is None:
                 if self.clock is not None and t <= self.clock:
-                    self._quarantine(seq, kind, "unattributed", _outcome_json(eid, did, kind, t, value))
+                    self._quarantine(seq, kind, "unattributed", _outcome_json(eid, did, kind, t, value), ident=eid)
                 else:
                     keep.append((t, _KIND_RANK[kind], eid, kind, did, value))
                 continue
             if eid in self.seen:
-                self._quarantine(seq, kind, "duplicate", _outcome_json(eid, did, kind, t, value))
+                self._quarantine(seq, kind, "duplicate", _outcome_json(eid, did, kind, t, value), ident=eid)
                 continue
             ch, i = self.mut, at
             t_d = int(self.t[i])
             if not 0 <= t - t_d <= self._windows[kind]:
-                self._quarantine(seq, kind, "outside_window", _outcome_json(eid, did, kind, t, value))
+                self._quarantine(seq, kind, "outside_window", _outcome_json(eid, did, kind, t, value), ident=eid)
                 continue
             self.seen[eid] = t_d
             if kind == "click":
@@ -295,115 +456,61 @@ class OutcomeEngine:
             self.new_chunks = []
         return self.held
 
-    def _cut(self, seq: int) -> Epoch:
+    def _cut(self, seq: int) -> EpochPart:
         clock = self.clock
         held = self._consolidate()
         t, camp, mut = self.t, self.camp, self.mut
         elapsed = np.minimum(clock - t, self._W)
         final = clock - t >= self._W
         converted = mut["conversions"] > 0
-
-        delay_h = np.where(converted, (mut["first_conversion_time"] - t) / HOUR_MS, 0.0)
-        self.version += 1
-        models_tbl = self._refit(clock, camp, converted, delay_h, elapsed, final)
-        p, lam = self._params_for(camp)
-        label = np.where(converted, 1.0, np.where(final, 0.0,
-                                                  interim_label(p, lam, elapsed / HOUR_MS, self._W / HOUR_MS)))
-        outcomes = self._outcome_table(held, elapsed, final, converted, label, clock)
-        day = t // DAY_MS
-        days = np.unique(day).tolist()
-        quarantine = self._quarantine_table(clock)
+        delay_ms = np.where(converted, mut["first_conversion_time"] - t, 0)
+        # relabelling at the clock of the previous cut changes nothing (a flush after a final slice)
+        active = bool(self.dirty or (len(t) and clock != self.last_epoch))
+        stats = self._stats(converted, delay_ms, elapsed, final)
+        rows = self._rows(held, elapsed, final, converted, clock)
         counts = {"rows": len(t), "interim": int((~final).sum()), "final": int(final.sum()),
-                  "days": len(days), "quarantined": quarantine.num_rows}
+                  "quarantined": len(self.quarantine)}
+        part = EpochPart(index=self.cuts, epoch=clock, seq=seq, shard=self.shard, active=active, stats=stats,
+                         rows=rows, quarantine=self.quarantine, counts=counts)
         # days whose conversion windows have all closed leave the held set
+        day = t // DAY_MS
         closed = (day + 1) * DAY_MS + self._W <= clock
         if closed.any():
-            self._retire(closed, converted, delay_h)
+            self._retire(closed, converted, delay_ms)
         counts["held_after"] = len(self.t)
         counts["totals"] = {k: dict(v) for k, v in self.totals.items()}
         counts["totals"]["pending"] = len(self.orphans)
+        self.cuts += 1
         self.last_epoch = clock
         self.quarantine = []
+        self._qcount = {}
         self.dirty = False
-        return Epoch(epoch=clock, seq=seq, outcomes=outcomes, days=days, delay_models=models_tbl,
-                     quarantine=quarantine, counts=counts)
+        return part
 
-    def _retire(self, closed, converted, delay_h) -> None:
-        t, camp = self.t, self.camp
-        for k in np.unique(camp[closed]).tolist():
-            m = closed & (camp == k)
-            s = self.final_stats.setdefault(self.campaigns[k], [0, 0, 0.0])
-            nc = int(converted[m].sum())
-            s[0] += int(m.sum()) - nc
-            s[1] += nc
-            s[2] += float(delay_h[m].sum())
-        clock = self.clock
-        for eid in [e for e, td in self.seen.items() if (td // DAY_MS + 1) * DAY_MS + self._W <= clock]:
-            del self.seen[eid]
-        keep = ~closed
-        self.held = self.held.filter(pa.array(keep))
-        self.t, self.camp = t[keep], camp[keep]
-        self.mut = {c: v[keep] for c, v in self.mut.items()}
-        self.index = dict(zip(self.held.column("decision_id").to_pylist(), range(len(self.t))))
+    def _stats(self, converted, delay_ms, elapsed, final) -> dict:
+        out = {}
+        for k in np.unique(self.camp).tolist():
+            m = self.camp == k
+            conv, open_ = converted & m, ~converted & m
+            bins = elapsed[open_] // STAT_BIN_MS
+            ub, inv = np.unique(bins, return_inverse=True)
+            ms = np.zeros(len(ub), np.int64)
+            np.add.at(ms, inv, elapsed[open_])
+            out[self.campaigns[k]] = {
+                "held": int(m.sum()), "final": int((final & m).sum()), "conv_n": int(conv.sum()),
+                "conv_delay_ms": int(delay_ms[conv].sum()), "open_bins": ub.astype(np.int64),
+                "open_n": np.bincount(inv, minlength=len(ub)).astype(np.int64), "open_ms": ms,
+                "retired": (0, 0, 0)}
+        for c, (non, nc, dms) in self.final_stats.items():
+            out.setdefault(c, dict(_EMPTY_STAT))["retired"] = (non, nc, dms)
+        return out
 
-    def _refit(self, clock, camp, converted, delay_h, elapsed_ms, final) -> pa.Table:
-        """Delay model per campaign from held rows (censored at min(elapsed, W)) and the
-        sufficient statistics of retired ones, shrunk towards the global fit."""
-        W_h = self._W / HOUR_MS
-        cens_h = elapsed_ms / HOUR_MS
-        present = np.bincount(camp, minlength=len(self.campaigns)) > 0 if len(camp) else \
-            np.zeros(len(self.campaigns), bool)
-        camps = sorted(set(self.campaigns[k] for k in np.flatnonzero(present).tolist()) | set(self.final_stats))
-
-        def data_for(mask, stats):
-            conv, d, e, w = [converted[mask]], [delay_h[mask]], [cens_h[mask]], [np.ones(int(mask.sum()))]
-            for s in stats:
-                non, nc, sd = s
-                if non:
-                    conv.append(np.array([False])); d.append(np.zeros(1)); e.append(np.array([W_h]))
-                    w.append(np.array([float(non)]))
-                if nc:
-                    conv.append(np.array([True])); d.append(np.array([sd / nc])); e.append(np.array([W_h]))
-                    w.append(np.array([float(nc)]))
-            return [np.concatenate(x) for x in (conv, d, e, w)]
-
-        everything = np.ones(len(camp), bool)
-        g_data = data_for(everything, list(self.final_stats.values()))
-        g = ExponentialCureModel().fit(*g_data[:3], weight=g_data[3], init=self.models.get(GLOBAL))
-        fits = {GLOBAL: (g, g_data, everything)}
-        for c in camps:
-            m = camp == self._camp_code[c]
-            c_data = data_for(m, [self.final_stats[c]] if c in self.final_stats else [])
-            if g.n_converted_ == 0:
-                fits[c] = (g, c_data, m)
-                continue
-            fits[c] = (ExponentialCureModel(prior_p=g.p_, prior_lam=g.lam_, prior_strength=self.prior_strength)
-                       .fit(*c_data[:3], weight=c_data[3], init=self.models.get(c)), c_data, m)
-        self.models = {c: (f.p_, f.lam_) for c, (f, _, _) in fits.items()}
-        rows = []
-        for c, (f, data, m) in fits.items():
-            retired = sum(self.final_stats.get(c, [0, 0])[:2]) if c != GLOBAL else \
-                sum(s[0] + s[1] for s in self.final_stats.values())
-            rows.append({"model_key": f"{self.version}|{c}", "version": self.version, "campaign_id": c,
-                         "fitted_at": clock * 1000, "conversion_prob": f.p_,
-                         "delay_rate_per_hour": f.lam_,
-                         "mean_delay_hours": 1.0 / f.lam_ if f.lam_ > 0 else float("inf"),
-                         "decisions": f.n_, "conversions": f.n_converted_,
-                         "matured_decisions": int(final[m].sum()) + retired, "epoch": clock})
-        return pa.Table.from_pylist(rows, schema=table_contract("delay_model").arrow_schema())
-
-    def _params_for(self, camp) -> tuple[np.ndarray, np.ndarray]:
-        g = self.models.get(GLOBAL, (0.0, 1.0))
-        ps = np.array([self.models.get(c, g)[0] for c in self.campaigns] or [0.0])
-        ls = np.array([self.models.get(c, g)[1] for c in self.campaigns] or [1.0])
-        return ps[camp], ls[camp]
-
-    def _outcome_table(self, held, elapsed, final, converted, label, clock) -> pa.Table:
+    def _rows(self, held, elapsed, final, converted, clock) -> pa.Table:
         def ts(ms, nullable=False):
             return pa.array(ms.astype(np.int64) * 1000, pa.timestamp("us", tz="UTC"),
                             mask=(ms < 0) if nullable else None)
 
-        mut, n = self.mut, len(label)
+        mut = self.mut
         data = {c: held.column(c) for c in DECISION_COLUMNS if c != "event_time"}
         data.update({
             "decision_time": ts(self.t),
@@ -415,26 +522,30 @@ class OutcomeEngine:
             "elapsed_ms": pa.array(elapsed.astype(np.int64)),
             "label_status": pa.DictionaryArray.from_arrays(pa.array(final.astype(np.int8)),
                                                            pa.array(["interim", "final"])).cast(pa.string()),
-            "conversion_label": pa.array(label),
-            "delay_model_version": pa.array(np.full(n, self.version, np.int64)),
-            "epoch": pa.array(np.full(n, clock, np.int64)),
+            "epoch": pa.array(np.full(len(self.t), clock, np.int64)),
         })
-        schema = _OUT.arrow_schema()
-        return pa.Table.from_arrays([data[f.name] for f in schema], schema=schema)
+        return pa.table(data)
 
-    def _quarantine_table(self, clock) -> pa.Table:
-        rows, pos = [], {}
-        for job, seq, stream, reason, record in self.quarantine:
-            k = (job, seq)
-            pos[k] = pos.get(k, -1) + 1
-            rows.append({"quarantine_id": f"{job}:{seq}:{pos[k]}", "job": job, "seq": seq, "stream": stream,
-                         "reason": reason, "reason_kind": reason.split(":", 1)[0], "record": record,
-                         "epoch": clock})
-        return pa.Table.from_pylist(rows, schema=table_contract("quarantine").arrow_schema())
+    def _retire(self, closed, converted, delay_ms) -> None:
+        t, camp = self.t, self.camp
+        for k in np.unique(camp[closed]).tolist():
+            m = closed & (camp == k)
+            s = self.final_stats.setdefault(self.campaigns[k], [0, 0, 0])
+            nc = int(converted[m].sum())
+            s[0] += int(m.sum()) - nc
+            s[1] += nc
+            s[2] += int(delay_ms[m & converted].sum())
+        clock = self.clock
+        for eid in [e for e, td in self.seen.items() if (td // DAY_MS + 1) * DAY_MS + self._W <= clock]:
+            del self.seen[eid]
+        keep = ~closed
+        self.held = self.held.filter(pa.array(keep))
+        self.t, self.camp = t[keep], camp[keep]
+        self.mut = {c: v[keep] for c, v in self.mut.items()}
+        self.index = dict(zip(self.held.column("decision_id").to_pylist(), range(len(self.t))))
 
     # ------------------------------------------------------------------ state
-    def snapshot(self) -> bytes:
-        """Everything but slices waiting for their turn (their inputs stay in the caller's log)."""
+    def _core(self):
         held = self._consolidate()
         tbl = held.append_column("t", pa.array(self.t)).append_column("camp", pa.array(self.camp))
         for c, v in self.mut.items():
@@ -442,29 +553,20 @@ class OutcomeEngine:
         sink = io.BytesIO()
         with pa.ipc.new_stream(sink, tbl.schema) as w:
             w.write_table(tbl)
-        meta = {k: getattr(self, k) for k in ("seen", "orphans", "quarantine", "final_stats", "models",
-                                              "version", "clock", "last_epoch", "next_seq", "dirty",
-                                              "totals", "campaigns")}
-        return pickle.dumps({"params": self._params(), "rows": sink.getvalue(), "meta": meta}, protocol=5)
+        meta = {k: getattr(self, k) for k in ("seen", "orphans", "quarantine", "_qcount", "final_stats", "clock",
+                                              "last_epoch", "cuts", "dirty", "totals", "campaigns")}
+        return {"rows": sink.getvalue(), "meta": meta}
 
-    def _params(self) -> dict:
-        return {"click_window": self.click_window, "conversion_window": self.conversion_window,
-                "commit_every": self.commit_every, "prior_strength": self.prior_strength}
-
-    @classmethod
-    def restore(cls, blob: bytes) -> "OutcomeEngine":
-        state = pickle.loads(blob)
-        eng = cls(**state["params"])
-        for k, v in state["meta"].items():
-            setattr(eng, k, v)
-        tbl = pa.ipc.open_stream(state["rows"]).read_all()
-        eng._camp_code = {c: k for k, c in enumerate(eng.campaigns)}
-        eng.held = tbl.select(DECISION_COLUMNS)
-        eng.t = tbl.column("t").to_numpy().astype(np.int64)
-        eng.camp = tbl.column("camp").to_numpy().astype(np.int32)
-        eng.mut = {c: tbl.column(f"mut:{c}").to_numpy().astype(t) for c, t in _MUTABLE.items()}
-        eng.index = dict(zip(eng.held.column("decision_id").to_pylist(), range(len(eng.t))))
-        return eng
+    def _load_core(self, core, parts) -> None:
+        for k, v in core["meta"].items():
+            setattr(self, k, v)
+        tbl = pa.ipc.open_stream(core["rows"]).read_all()
+        self._camp_code = {c: k for k, c in enumerate(self.campaigns)}
+        self.held = tbl.select(DECISION_COLUMNS)
+        self.t = tbl.column("t").to_numpy().astype(np.int64)
+        self.camp = tbl.column("camp").to_numpy().astype(np.int32)
+        self.mut = {c: tbl.column(f"mut:{c}").to_numpy().astype(t) for c, t in _MUTABLE.items()}
+        self.index = dict(zip(self.held.column("decision_id").to_pylist(), range(len(self.t))))
 
     def held_rows(self) -> int:
         """Decisions held (not yet in a closed day)."""
@@ -472,6 +574,200 @@ class OutcomeEngine:
 
     def pending(self) -> int:
         return len(self.orphans)
+
+
+class EpochLabeller(SliceStage):
+    """Labeller ``shard``: per epoch, one :class:`EpochPart` from every shard; fits the delay model
+    on their summed statistics (warm-started from its previous fit) and labels its shard's rows."""
+
+    def __init__(self, conversion_window="7d", prior_strength=50.0, shard: int = 0, shards: int = 1,
+                 snapshot_every: int = 1):
+        super().__init__(parts=shards, snapshot_every=snapshot_every)
+        self.conversion_window = conversion_window
+        self.prior_strength = float(prior_strength)
+        self.shard, self.shards = int(shard), int(shards)
+        self._W = parse_duration(conversion_window)
+        self.version = 0
+        self.models: dict[str, tuple] = {}
+
+    def _params(self) -> dict:
+        return {"conversion_window": self.conversion_window, "prior_strength": self.prior_strength,
+                "shard": self.shard, "shards": self.shards, "snapshot_every": self.snapshot_every}
+
+    def _core(self):
+        return {"version": self.version, "models": self.models}
+
+    def _load_core(self, core, parts) -> None:
+        self.version, self.models = core["version"], core["models"]
+
+    def _take(self, index: int, parts: list) -> list:
+        own = parts[self.shard]
+        out = LabelledPart(index=index, epoch=own.epoch, seq=own.seq, shard=self.shard,
+                           skip=not any(p.active for p in parts))
+        if out.skip:
+            return [out]
+        self.version += 1
+        self.models, fit = fit_delay_models(merge_stats([p.stats for p in parts]), self.models,
+                                            self.prior_strength, self._W, self.version, own.epoch)
+        rows = own.rows
+        g = self.models.get(GLOBAL, (0.0, 1.0))
+        camp = rows.column("campaign_id").to_numpy(zero_copy_only=False)
+        if len(camp):
+            ids, inv = np.unique(camp.astype(str), return_inverse=True)
+            p = np.array([self.models.get(c, g)[0] for c in ids])[inv]
+            lam = np.array([self.models.get(c, g)[1] for c in ids])[inv]
+        else:
+            p = lam = np.zeros(0)
+        converted = rows.column("converted").to_numpy(zero_copy_only=False).astype(bool)
+        final = rows.column("label_status").to_numpy(zero_copy_only=False) == "final"
+        elapsed_h = rows.column("elapsed_ms").to_numpy() / HOUR_MS
+        label = np.where(converted, 1.0, np.where(final, 0.0, interim_label(p, lam, elapsed_h, self._W / HOUR_MS)
+                                                  if len(p) else np.zeros(0)))
+        data = {c: rows.column(c) for c in rows.column_names}
+        data["conversion_label"] = pa.array(np.asarray(label, float))
+        data["delay_model_version"] = pa.array(np.full(len(label), self.version, np.int64))
+        schema = _OUT.arrow_schema()
+        out.outcomes = pa.Table.from_arrays([data[f.name] for f in schema], schema=schema)
+        day = rows.column("decision_time").cast(pa.int64()).to_numpy() // (DAY_MS * 1000)
+        out.days = np.unique(day).tolist()
+        out.delay_models = fit if self.shard == 0 else None
+        out.quarantine = quarantine_table(own.quarantine, own.epoch)
+        out.counts = own.counts
+        return [out]
+
+
+class EpochCommitter(SliceStage):
+    """Per epoch, the :class:`LabelledPart` of every labeller -> one :class:`Epoch` (the job commits
+    it, idempotent by epoch). Skipped epochs give nothing."""
+
+    def __init__(self, shards: int = 1, snapshot_every: int = 1):
+        super().__init__(parts=shards, snapshot_every=snapshot_every)
+        self.shards = int(shards)
+
+    def _params(self) -> dict:
+        return {"shards": self.shards, "snapshot_every": self.snapshot_every}
+
+    def _core(self):
+        return None
+
+    def _load_core(self, core, parts) -> None:
+        pass
+
+    def _take(self, index: int, parts: list) -> list:
+        if parts[0].skip:
+            return []
+        tables = [p.outcomes for p in parts if p.outcomes is not None]
+        outcomes = pa.concat_tables(tables) if tables else None
+        if outcomes is not None and self.shards > 1:
+            outcomes = outcomes.sort_by([("decision_time", "ascending"), ("decision_id", "ascending")])
+        quarantine = pa.concat_tables([p.quarantine for p in parts]).sort_by("quarantine_id")
+        counts = {k: sum(p.counts[k] for p in parts) for k in ("rows", "interim", "final", "held_after")}
+        for k in ("engine_s", "write_s"):          # the job's timings, summed over the shards
+            if any(k in p.counts for p in parts):
+                counts[k] = round(sum(p.counts.get(k, 0.0) for p in parts), 3)
+        counts["quarantined"] = quarantine.num_rows
+        counts["days"] = len(set().union(*(p.days for p in parts)))
+        totals = {}
+        for p in parts:
+            for what, d in p.counts["totals"].items():
+                if isinstance(d, dict):
+                    t = totals.setdefault(what, {})
+                    for k, v in d.items():
+                        t[k] = t.get(k, 0) + v
+                else:
+                    totals[what] = totals.get(what, 0) + d
+        counts["totals"] = totals
+        e = Epoch(epoch=parts[0].epoch, seq=parts[0].seq, outcomes=outcomes,
+                  days=sorted(set().union(*(p.days for p in parts))), delay_models=parts[0].delay_models,
+                  quarantine=quarantine, counts=counts, files=[f for p in parts for f in p.files])
+        return [e]
+
+
+class OutcomeEngine:
+    """The whole outcomes pipeline in one process: ``shards`` shards and labellers and the
+    committer (the job runs the same stages as Flink operators). Returns the :class:`Epoch` s.
+
+    Parameters are stored unchanged (durations as given).
+    """
+
+    def __init__(self, click_window="1h", conversion_window="7d", commit_every="1d", prior_strength=50.0,
+                 shards: int = 1):
+        self.click_window = click_window
+        self.conversion_window = conversion_window
+        self.commit_every = commit_every
+        self.prior_strength = prior_strength
+        self.shards = int(shards)
+        self.parts = [OutcomeShard(**self.shard_params(i)) for i in range(self.shards)]
+        self.labellers = [EpochLabeller(**self.labeller_params(i)) for i in range(self.shards)]
+        self.committer = EpochCommitter(shards=self.shards)
+
+    def shard_params(self, i: int) -> dict:
+        return {"click_window": self.click_window, "conversion_window": self.conversion_window,
+                "commit_every": self.commit_every, "shard": i, "shards": self.shards}
+
+    def labeller_params(self, i: int) -> dict:
+        return {"conversion_window": self.conversion_window, "prior_strength": self.prior_strength,
+                "shard": i, "shards": self.shards}
+
+    @property
+    def next_seq(self) -> int:
+        return self.parts[0].next_seq
+
+    def offer(self, seq: int, decisions, outcomes, clock: int | None, final: bool = False,
+              quarantined=()) -> list[Epoch]:
+        """Hand in slice ``seq``. ``decisions``: enriched decisions (at least the columns of
+        :data:`DECISION_COLUMNS` that exist); ``outcomes``: ``event_id, decision_id, kind,
+        event_time, value``; ``clock``: every event at or before it has been handed in;
+        ``final``: the input ends with this slice; ``quarantined``: records an upstream job
+        quarantined in this slice, ``(stream, reason, record as JSON)``, carried into the
+        quarantine table. Returns the epochs cut, in order."""
+        if seq < self.next_seq or seq in self.parts[0].waiting:
+            return []          # a replayed slice already taken
+        splits = split_handoff(seq, decisions, outcomes, clock, final, quarantined, self.shards)
+        return self._route([e for i, p in enumerate(splits) for e in self.parts[i].offer(seq, 0, p)])
+
+    def flush(self) -> list[Epoch]:
+        """End of input without a final slice: cut an epoch if anything is uncommitted."""
+        return self._route([e for shard in self.parts for e in shard.flush()])
+
+    def _route(self, epoch_parts) -> list[Epoch]:
+        labelled = []
+        for ep in epoch_parts:
+            for j, lab in enumerate(self.labellers):
+                part = ep if j == ep.shard else EpochPart(ep.index, ep.epoch, ep.seq, ep.shard, ep.active,
+                                                          ep.stats, None, [], ep.counts)
+                labelled += lab.offer(ep.index, ep.shard, part)
+        return [e for lp in labelled for e in self.committer.offer(lp.index, lp.shard, lp)]
+
+    @property
+    def totals(self) -> dict:
+        out = {"in": {}, "processed": {}, "quarantined": {}}
+        for p in self.parts:
+            for what, d in p.totals.items():
+                for k, v in d.items():
+                    out[what][k] = out[what].get(k, 0) + v
+        return out
+
+    @property
+    def version(self) -> int:
+        return self.labellers[0].version
+
+    @property
+    def models(self) -> dict:
+        return self.labellers[0].models
+
+    def held_rows(self) -> int:
+        return sum(p.held_rows() for p in self.parts)
+
+    def pending(self) -> int:
+        return sum(p.pending() for p in self.parts)
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self, protocol=5)
+
+    @classmethod
+    def restore(cls, blob: bytes) -> "OutcomeEngine":
+        return pickle.loads(blob)
 
 
 def _outcome_json(eid, did, kind, t, value) -> str:
