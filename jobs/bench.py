@@ -445,6 +445,30 @@ RATIOS = {   # name: (numerator, denominator, field of each); a ratio of the var
 }
 
 
+def projection_all(results: dict, startup: float, cores=(1, 2, 4, 8, 16)) -> dict:
+    """A projection (not a measurement) for the three jobs by Amdahl's law: the sharded stages'
+    seconds per event divide by the cores, the serial ones (the outcomes committer, the one
+    learner) do not. Features: see :func:`projection`; outcomes: shards + labellers parallel,
+    commits serial, the rest of the run's two cores (Flink) parallel; learner: the learner's
+    own seconds serial, the rest of the run parallel."""
+    out = {}
+    if "projection" in results:
+        out["features"] = results["projection"]["events_per_second"]
+    o = results.get("outcomes")
+    if o and o.get("events"):
+        n = o["events"]
+        serial = (o.get("commit_seconds") or 0) / n
+        parallel = max(2 * (o["wall_seconds"] - startup) / n - serial, (o.get("engine_seconds") or 0) / n)
+        out["outcomes"] = {str(c): round(1 / (parallel / c + serial)) for c in cores}
+    lj = results.get("learner")
+    if lj and lj.get("examples"):
+        n = lj["examples"]
+        serial = (lj.get("learner_seconds") or 0) / n
+        parallel = max(2 * (lj["wall_seconds"] - startup) / n - serial, 0.0)
+        out["learner"] = {str(c): round(1 / (parallel / c + serial)) for c in cores}
+    return out
+
+
 def redis_server():
     """A redis-server on a free port in a temporary folder (None if it is not installed)."""
     import contextlib
@@ -610,7 +634,7 @@ def main(argv=None) -> None:
         o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
         results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
                                "commit_seconds": o["commit_seconds"], "engine_seconds": o["engine_seconds"],
-                               "rows_last_epoch": o["rows_last_epoch"]}
+                               "write_seconds": o.get("write_seconds"), "rows_last_epoch": o["rows_last_epoch"]}
         save()
         n, wall = run_outcomes_naive(cfg, out / "run-features-no-online", args.naive_events)
         results["outcomes_naive"] = entry(n, wall)
@@ -634,6 +658,7 @@ def main(argv=None) -> None:
     results["vowpal_wabbit"] = run_vowpal(cfg, out / "run-features-no-online", truth, t0)
     save()
     results["ratios"] = ratios(results)
+    results["projection_all"] = projection_all(results, startup)
     save()
     write_summary(out, results)
     print("\n== make bench: features job (events/s, net of start-up %.1f s) ==" % startup)
@@ -659,6 +684,8 @@ def main(argv=None) -> None:
         pr = results["projection"]
         print("PROJECTION (not measured): events/s by cores, from CPU per event measured at p=2: "
               + ", ".join(f"{c}: {v:,}" for c, v in pr["events_per_second"].items()))
+    for job, by_cores in results.get("projection_all", {}).items():
+        print(f"PROJECTION (not measured) {job}: " + ", ".join(f"{c} cores {v:,}/s" for c, v in by_cores.items()))
     if "engine_only_python" in results:
         e = results["engine_only_python"]
         print(f"without Flink, one core: read+validate {e['read_validate_events_per_second']:,}/s, "

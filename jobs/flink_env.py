@@ -191,7 +191,8 @@ def terminate(stats) -> None:
 
 
 # ----------------------------------------------------------------------------- hand-off consumers
-def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, setup=None):
+def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, setup=None, flush=None,
+                    is_cut=lambda item: True):
     """A keyed function that runs one engine over hand-off lines, exactly once without
     checkpoint hooks (the outcomes and learner jobs).
 
@@ -203,8 +204,11 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
     gone, and ``restore_engine(core, parts)`` gets them back.
 
     ``take(engine, handoff_slice, timing) -> cuts`` (the line read by
-    ``udfs.ingest.read_handoff``); ``publish(resources, cut, timing) -> str``;
-    ``setup() -> resources`` runs in ``open`` (tables, stores); ``new_engine()``,
+    ``udfs.ingest.read_handoff``, or an element ``(line, pickled HandoffSlice)`` read upstream:
+    only the line is logged); ``publish(resources, cut, timing) -> element``;
+    ``setup() -> resources`` runs in ``open`` (tables, stores); ``flush(engine) -> cuts`` at end
+    of input (default ``engine.flush()``); ``is_cut(item)``: whether an item ``take`` returned is a
+    cut (the state is snapshotted after a cut; other items are only published); ``new_engine()``,
     ``restore_engine(blob)``. The engine has ``next_seq``, ``snapshot()`` and ``flush() -> cuts``.
     """
     from pyflink.common import Types
@@ -240,7 +244,7 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
         def _publish_all(self, cuts, timing):
             for i, cut in enumerate(cuts):         # the line's timing goes with its first cut only
                 self._out.append(publish(self.resources, cut, timing if i == 0 else {}))
-            if cuts:                                # snapshot, then drop the log it covers
+            if any(is_cut(c) for c in cuts):        # snapshot, then drop the log it covers
                 if hasattr(self.engine, "state_parts"):
                     core, new, gone = self.engine.state_parts()
                     for k, v in new.items():
@@ -255,11 +259,17 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
                     self.logged.discard(seq)
 
         def process_element(self, value, ctx):
+            import pickle
+
             self._out = []
             engine = self._engine()
-            s = read_handoff(value)
+            if isinstance(value, (tuple, list)):          # (line, slice read upstream)
+                line, blob = value
+                s = pickle.loads(blob)
+            else:
+                line, s = value, read_handoff(value)
             if s.seq >= engine.next_seq:
-                self.state.put(f"log:{s.seq}", value)
+                self.state.put(f"log:{s.seq}", line)
                 self.logged.add(s.seq)
             timing = {}
             cuts = take(engine, s, timing)
@@ -275,7 +285,8 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
 
         def on_timer(self, timestamp, ctx):
             self._out = []
-            self._publish_all(self._engine().flush(), {"end_of_input": True})
+            engine = self._engine()
+            self._publish_all(flush(engine) if flush else engine.flush(), {"end_of_input": True})
             yield from self._out
 
     return ReplayedEngine()

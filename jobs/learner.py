@@ -4,17 +4,24 @@
 
     FileSource(<features data>/handoff)   one JSON line per slice of the features job (bounded, or --follow)
       │ str
+      ▼ read        [Python × P]      reads the slice's enriched decisions (point-in-time features) and
+      │                               attributed clicks/conversions (Parquet -> Arrow)
       ▼ key_by(0)
-      ▼ learner   [Python, keyed]  reads the slice's enriched decisions (point-in-time features) and
-      │                            attributed clicks/conversions; udfs.learners.OnlineLearner scores
-      │                            each decision first (prequential), trains it on its interim labels
-      │                            once it is learner.label_wait old, corrects it to its final label
-      │                            when the conversion window closes; writes the scores of each slice
-      │                            to <data>/scores/ (with the model version), and a model snapshot
-      │                            every learner.snapshot_every of event time or snapshot_examples
-      │                            decisions: the model store (fsspec) + a row in learner_metrics_v1
-      │                            MapState: learner state at the last snapshot + log of the slices since
+      ▼ learner     [Python × 1]      udfs.learners.OnlineLearner scores each decision first
+      │                               (prequential), trains it on its interim labels once it is
+      │                               learner.label_wait old, corrects it to its final label when the
+      │                               conversion window closes; a model snapshot every
+      │                               learner.snapshot_every of event time or snapshot_examples decisions.
+      │                               MapState: learner state at the last snapshot + the log of the
+      │                               slices' hand-off lines since (re-read on a restore)
+      ├─► key_by(slice) ─► scores   [Python × P]  each slice's scores -> <data>/scores/ (model version)
+      ▼ key_by(0) ─► publish        [Python × 1]  each snapshot -> the model store (fsspec) + a row in
+                                                  learner_metrics_v1 (skipped when the table has it)
       ▼ per-snapshot stats (JSON)
+
+One model is one stream of updates, so the learner is one instance; everything around it
+(reading, the score files, publishing) runs beside it, so its process does only the
+learning. Its snapshots do not depend on the parallelism of the stages around it (tested).
 
 A restart from a checkpoint restores the learner's state at its last snapshot and
 processes the logged slices again: training is deterministic given the slice
@@ -100,34 +107,85 @@ def write_scores(cfg: Config, seq: int, scores) -> None:
         atomic_parquet(cfg.data_dir / "scores" / f"slice-{seq:08d}.parquet", scores)
 
 
-def _learner_function(cfg: Config):
-    """One OnlineLearner, replayed from its last snapshot after a restore (jobs.flink_env)."""
-    from jobs.flink_env import replayed_engine
+def build(env, cfg: Config, input_dir: Path, follow: bool = False):
+    """Wire the job into ``env``; returns the per-snapshot stats (JSON strings)."""
+    import pickle
+
+    from pyflink.common import Types
+    from pyflink.datastream import FlatMapFunction, MapFunction, OutputTag
+
+    from jobs.flink_env import line_source, parallelism, replayed_engine, shard_keys
     from udfs.learners import OnlineLearner
     from udfs.spec import FeatureSpec
 
+    p = parallelism(cfg, env)
+    env.set_parallelism(p)
+    keys = shard_keys(p, env)
     params = {**cfg.learner_params(), "spec": FeatureSpec.from_config(cfg)}
+    scores_tag = OutputTag("scores", Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()]))
 
-    def setup():
-        from jobs.iceberg_store import open_tables
-        return open_tables(cfg)["learner_metrics"]
+    class Read(FlatMapFunction):
+        def flat_map(self, line):
+            from udfs.ingest import read_handoff
+
+            yield line, pickle.dumps(read_handoff(line), protocol=5)
+
+    carry = {"learner_s": 0.0, "decisions": 0}       # the learner's own time since the last snapshot
 
     def take(learner, s, timing):
         t0 = time.perf_counter()
         results = learner.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
-        timing["learner_s"] = round(time.perf_counter() - t0, 3)
-        timing["decisions"] = 0 if s.decisions is None else s.decisions.num_rows
-        snaps = []
+        carry["learner_s"] += time.perf_counter() - t0
+        carry["decisions"] += 0 if s.decisions is None else s.decisions.num_rows
+        items = []
         for seq, scores, cut in results:
+            for snap in cut:
+                items.append(("snapshot", snap, {"learner_s": round(carry["learner_s"], 3),
+                                                 "decisions": carry["decisions"]}))
+                carry.update(learner_s=0.0, decisions=0)
+            if scores is not None and len(scores):
+                items.append(("scores", seq, scores))
+        return items
+
+    def flush_take(learner):
+        return [("snapshot", snap, {"learner_s": round(carry["learner_s"], 3), "decisions": carry["decisions"]})
+                for snap in learner.flush()]
+
+    def publish(_, item, timing):
+        kind, a, b = item
+        if kind == "scores":                      # a slice's scores: to the score writers
+            return scores_tag, (keys[a % p], pickle.dumps((a, b), protocol=5))
+        return pickle.dumps((a, b), protocol=5)
+
+    class WriteScores(MapFunction):
+        def map(self, value):
+            seq, scores = pickle.loads(value[1])
             write_scores(cfg, seq, scores)
-            snaps += cut
-        return snaps
+            return seq
 
-    def publish(table, snap, timing):
-        return json.dumps(publish_snapshot(cfg, table, snap, timing))
+    class Publish(MapFunction):
+        def open(self, ctx):
+            from jobs.iceberg_store import open_tables
 
-    return replayed_engine("learner", lambda: OnlineLearner(**params), OnlineLearner.restore,
-                           take, publish, setup)
+            self.table = open_tables(cfg)["learner_metrics"]
+
+        def map(self, value):
+            snap, timing = pickle.loads(value)
+            return json.dumps(publish_snapshot(cfg, self.table, snap, timing))
+
+    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
+    read = (lines.flat_map(Read(), output_type=Types.TUPLE([Types.STRING(), Types.PICKLED_BYTE_ARRAY()]))
+            .name("read").uid("read").set_parallelism(p))
+    learned = (read.key_by(lambda _: 0, key_type=Types.INT())
+               .process(replayed_engine("learner", lambda: OnlineLearner(**params), OnlineLearner.restore,
+                                        take, publish, flush=flush_take,
+                                        is_cut=lambda item: item[0] == "snapshot"),
+                        output_type=Types.PICKLED_BYTE_ARRAY())
+               .name("learner").uid("learner").set_parallelism(1))
+    (learned.get_side_output(scores_tag).key_by(lambda t: t[0], key_type=Types.INT())
+     .map(WriteScores(), output_type=Types.INT()).name("scores").uid("scores").set_parallelism(p))
+    return (learned.key_by(lambda _: 0, key_type=Types.INT())
+            .map(Publish(), output_type=Types.STRING()).name("publish").uid("publish").set_parallelism(1))
 
 
 def summarize(cfg: Config) -> dict:
@@ -145,9 +203,18 @@ def summarize(cfg: Config) -> dict:
 def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
         overrides: dict | None = None) -> dict:
     """Run the job (local mini-cluster, or the cluster under ``flink run``); returns a summary."""
-    from jobs.flink_env import run_handoff_job
+    from jobs.flink_env import job_env, terminate
+    from jobs.iceberg_store import open_tables
 
-    return run_handoff_job(cfg, "learner", _learner_function(cfg), summarize, input_dir, follow, overrides)
+    input_dir = Path(input_dir or cfg.data_dir)
+    open_tables(cfg)
+    t0 = time.time()
+    env = job_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-learner", overrides=overrides)
+    terminate(build(env, cfg, input_dir, follow))
+    env.execute("streamlift-learner")
+    summary = summarize(cfg)
+    summary["wall_seconds"] = round(time.time() - t0, 2)
+    return summary
 
 
 def main(argv=None) -> None:

@@ -4,6 +4,7 @@ two TaskManagers of one task slot each: the features job at -p 2 runs one shard 
 import json
 import urllib.request
 
+import pandas as pd
 import pytest
 
 from outputs import assert_same_feature_outputs
@@ -75,13 +76,23 @@ def test_submitted_outcomes_job_commits_every_decision_once(cluster, submitted_f
     from jobs.analyst import read_table
     from jobs.sinks import summarize
 
+    from test_outcomes_job import epoch_history, table_snapshot
+
     feats = submitted_features
-    result = cluster.submit("outcomes", str(feats), str(tmp_path / "outcomes"))
+    result = cluster.submit("outcomes", str(feats), str(tmp_path / "outcomes"), parallelism=2)
     assert result.returncode == 0, result.stderr[-3000:]
     out = read_table(cfg_for(tmp_path / "outcomes"), "outcome")
     s = summarize(cfg_for(feats))
     assert out.decision_id.is_unique and len(out) == s["processed_by_stream"]["decision"]
     assert int(out.conversions.sum()) == s["processed_by_stream"]["conversion"]
+    # at -p 1 (one TaskManager's slot) the same tables, row for row, and the same commits
+    result = cluster.submit("outcomes", str(feats), str(tmp_path / "outcomes-p1"), parallelism=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, one = cfg_for(tmp_path / "outcomes"), cfg_for(tmp_path / "outcomes-p1")
+    a, b = table_snapshot(two), table_snapshot(one)
+    for k in a:
+        pd.testing.assert_frame_equal(a[k], b[k], check_exact=True, obj=k)
+    assert epoch_history(two) == epoch_history(one)
 
 
 def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluster, submitted_features, tmp_path):
@@ -95,7 +106,7 @@ def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluste
     from udfs.learners import OnlineLearner
 
     run_dir = tmp_path / "learner"
-    result = cluster.submit("learner", str(submitted_features), str(run_dir))
+    result = cluster.submit("learner", str(submitted_features), str(run_dir), parallelism=2)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = cfg_for(run_dir)
     versions = list_versions(cfg.model_store, cfg.learner["model_id"])

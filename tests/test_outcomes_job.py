@@ -317,3 +317,22 @@ def test_learner_restart_from_a_checkpoint_gives_the_models_of_an_uninterrupted_
         assert a.bundle.digest() == b.bundle.digest(), v
         assert a.manifest["examples"] == b.manifest["examples"]
         assert json.dumps(a.manifest["metrics"]) == json.dumps(b.manifest["metrics"])   # NaN-safe
+
+
+def test_learner_snapshots_do_not_depend_on_the_parallelism_around_it(pipeline, learned, tmp_path):
+    """The learner is one instance; the stages around it (reading, score writers, publishing)
+    run at the job's parallelism. At 1 instead of 2 every snapshot is the same model."""
+    from jobs.config import load
+    from jobs.learner import run as run_learner
+    from jobs.serving import list_versions, load_model
+
+    cfg, _, _, _ = pipeline
+    one = load(env={"STREAMLIFT_PATHS__DATA_DIR": str(tmp_path / "p1"), "STREAMLIFT_FLINK__PARALLELISM": "1"})
+    run_learner(one, cfg.data_dir)
+    a = list_versions(cfg.model_store, cfg.learner["model_id"])
+    b = list_versions(one.model_store, one.learner["model_id"])
+    assert [m["version"] for m in a] == [m["version"] for m in b] and len(a) > 5
+    for m in a:
+        x = load_model(cfg.model_store, cfg.learner["model_id"], m["version"]).bundle.digest()
+        y = load_model(one.model_store, one.learner["model_id"], m["version"]).bundle.digest()
+        assert x == y, m["version"]
