@@ -36,7 +36,7 @@ test: $(STAMP) redis ## run the whole test suite (unit, mini-cluster job tests, 
 test-fast: $(STAMP) ## unit tests only (no JVM)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## features, outcomes, learner jobs vs baselines (naive state, Flink SQL, Vowpal Wabbit) on 1M events; ONLY=learner
+bench: $(STAMP) ## features, outcomes, learner jobs vs baselines (naive state, Flink SQL, Vowpal Wabbit) on 1M events; ONLY=features|outcomes|learner
 	$(BIN)/python -m jobs.bench --events 1000000 --out bench/results --only $(or $(ONLY),all)
 
 simulate: $(STAMP) ## write simulated traffic to $(DATA)/sim

@@ -551,9 +551,10 @@ def main(argv=None) -> None:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--naive-events", type=int, default=50_000)
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--only", choices=("all", "features", "learner"), default="all",
-                   help="features: only the features entries; learner: only the learner entries (on the "
-                        "hand-off of an earlier run if there is one)")
+    p.add_argument("--only", choices=("all", "features", "outcomes", "learner"), default="all",
+                   help="features: only the features entries; outcomes: the outcomes and learner entries; "
+                        "learner: only the learner entries (the last two on the hand-off of an earlier run "
+                        "if there is one)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -570,7 +571,7 @@ def main(argv=None) -> None:
     os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(out / "startup")
 
     results = {"machine": f"{os.cpu_count()} cores", "input_lines": None}
-    if args.only == "learner" and (out / "features.json").exists():
+    if args.only in ("outcomes", "learner") and (out / "features.json").exists():
         results = json.loads((out / "features.json").read_text())
     startup = startup_seconds(cfg)
     results["startup_seconds"] = round(startup, 2)
@@ -630,7 +631,7 @@ def main(argv=None) -> None:
         write_summary(out, results)
         print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
         return
-    if args.only == "all":
+    if args.only in ("all", "outcomes"):
         o = run_outcomes(out / "run-features-no-online", out / "run-outcomes")
         results["outcomes"] = {**entry(o["events"], o["wall_seconds"]), "epochs": o["epochs"],
                                "commit_seconds": o["commit_seconds"], "engine_seconds": o["engine_seconds"],

@@ -192,7 +192,7 @@ def terminate(stats) -> None:
 
 # ----------------------------------------------------------------------------- hand-off consumers
 def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, setup=None, flush=None,
-                    is_cut=lambda item: True):
+                    is_cut=lambda item: True, state_every: int = 1):
     """A keyed function that runs one engine over hand-off lines, exactly once without
     checkpoint hooks (the outcomes and learner jobs).
 
@@ -208,7 +208,8 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
     only the line is logged); ``publish(resources, cut, timing) -> element``;
     ``setup() -> resources`` runs in ``open`` (tables, stores); ``flush(engine) -> cuts`` at end
     of input (default ``engine.flush()``); ``is_cut(item)``: whether an item ``take`` returned is a
-    cut (the state is snapshotted after a cut; other items are only published); ``new_engine()``,
+    cut (the state is snapshotted after every ``state_every`` cuts, the log kept until then; other
+    items are only published); ``new_engine()``,
     ``restore_engine(blob)``. The engine has ``next_seq``, ``snapshot()`` and ``flush() -> cuts``.
     """
     from pyflink.common import Types
@@ -224,6 +225,7 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
             self.resources = setup() if setup else None
             self.engine = None
             self._carry = {}                        # timing of lines that cut nothing yet
+            self._cuts = 0                          # cuts since the state's last snapshot
             self.logged = set()                     # seqs of the log:<seq> entries (state.keys()
                                                     # would fetch every entry, parts included)
 
@@ -244,7 +246,9 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
         def _publish_all(self, cuts, timing):
             for i, cut in enumerate(cuts):         # the line's timing goes with its first cut only
                 self._out.append(publish(self.resources, cut, timing if i == 0 else {}))
-            if any(is_cut(c) for c in cuts):        # snapshot, then drop the log it covers
+            self._cuts += sum(1 for c in cuts if is_cut(c))
+            if self._cuts >= state_every or (timing.get("end_of_input") and self._cuts):
+                self._cuts = 0                      # snapshot, then drop the log it covers
                 if hasattr(self.engine, "state_parts"):
                     core, new, gone = self.engine.state_parts()
                     for k, v in new.items():

@@ -179,7 +179,8 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     learned = (read.key_by(lambda _: 0, key_type=Types.INT())
                .process(replayed_engine("learner", lambda: OnlineLearner(**params), OnlineLearner.restore,
                                         take, publish, flush=flush_take,
-                                        is_cut=lambda item: item[0] == "snapshot"),
+                                        is_cut=lambda item: item[0] == "snapshot",
+                                        state_every=int(cfg.learner.get("state_every", 1))),
                         output_type=Types.PICKLED_BYTE_ARRAY())
                .name("learner").uid("learner").set_parallelism(1))
     (learned.get_side_output(scores_tag).key_by(lambda t: t[0], key_type=Types.INT())
