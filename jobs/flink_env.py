@@ -296,24 +296,19 @@ def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, 
     return ReplayedEngine()
 
 
-def run_handoff_job(cfg: Config, name: str, function, summarize, input_dir: Path | None = None,
+def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | None = None,
                     follow: bool = False, overrides: dict | None = None) -> dict:
-    """Run ``function`` (one keyed instance) over ``<input_dir>/handoff`` (bounded unless
-    ``follow``) on the local mini-cluster, or on the cluster under ``flink run``; checkpoints in
-    ``<data>/checkpoints-<name>``; returns ``summarize(cfg)`` with the wall time."""
-    from pyflink.common import Types
-
+    """Run a hand-off consumer wired by ``build(env, cfg, input_dir, follow) -> stats stream`` over
+    ``<input_dir>/handoff`` (bounded unless ``follow``) on the local mini-cluster, or on the cluster
+    under ``flink run``; checkpoints in ``<data>/checkpoints-<name>``; returns ``summarize(cfg)``
+    with the wall time."""
     from jobs.iceberg_store import open_tables
 
     input_dir = Path(input_dir or cfg.data_dir)
     open_tables(cfg)
     t0 = time.time()
     env = job_env(cfg, checkpoint_dir=cfg.data_dir / f"checkpoints-{name}", overrides=overrides)
-    lines = line_source(env, input_dir / "handoff", follow, "handoff")
-    stats = (lines.key_by(lambda _: 0, key_type=Types.INT())
-             .process(function, output_type=Types.STRING())
-             .name(name).uid(name).set_parallelism(1))
-    terminate(stats)
+    terminate(build(env, cfg, input_dir, follow))
     env.execute(f"streamlift-{name}")
     summary = summarize(cfg)
     summary["wall_seconds"] = round(time.time() - t0, 2)

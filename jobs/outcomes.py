@@ -205,18 +205,9 @@ def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
         overrides: dict | None = None) -> dict:
     """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
     ``follow``; returns a summary."""
-    from jobs.flink_env import job_env, terminate
-    from jobs.iceberg_store import open_tables
+    from jobs.flink_env import run_handoff_job
 
-    input_dir = Path(input_dir or cfg.data_dir)
-    open_tables(cfg)
-    t0 = time.time()
-    env = job_env(cfg, checkpoint_dir=cfg.data_dir / "checkpoints-outcomes", overrides=overrides)
-    terminate(build(env, cfg, input_dir, follow))
-    env.execute("streamlift-outcomes")
-    summary = summarize(cfg)
-    summary["wall_seconds"] = round(time.time() - t0, 2)
-    return summary
+    return run_handoff_job(cfg, "outcomes", build, summarize, input_dir, follow, overrides)
 
 
 def main(argv=None) -> None:

@@ -141,10 +141,7 @@ class AccumulatorStage(SliceStage):
 
     def _check_restore(self, stored: dict) -> None:
         self.spec.check(stored["spec"].describe())
-        for k in ("shard", "shards", "parts"):
-            if stored[k] != getattr(self, k):
-                raise ValueError(f"accumulator state of {k}={stored[k]} restored as {k}={getattr(self, k)}: "
-                                 "changing the engine parallelism needs a new run (state is per shard)")
+        self._require_same(stored, ("shard", "shards", "parts"))
 
     # ------------------------------------------------------------------ state
     def _core(self):

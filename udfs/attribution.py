@@ -101,10 +101,7 @@ class AttributionStage(SliceStage):
 
     def _check_restore(self, stored: dict) -> None:
         self.spec.check(stored["spec"].describe())
-        for k in ("shard", "shards", "acc_shards"):
-            if stored[k] != getattr(self, k):
-                raise ValueError(f"attribution state of {k}={stored[k]} restored as {k}={getattr(self, k)}: "
-                                 "changing the engine parallelism needs a new run (state is per shard)")
+        self._require_same(stored, ("shard", "shards", "acc_shards"))
 
     # ------------------------------------------------------------------ state
     def _core(self):

@@ -87,6 +87,15 @@ class SliceStage(ABC):
     def _check_restore(self, stored_params: dict) -> None:
         """Refuse a snapshot that cannot be restored under this stage's parameters."""
 
+    def _require_same(self, stored_params: dict, names) -> None:
+        """Raise ValueError if any of ``names`` differs between the snapshot and this stage (the
+        shard layout: state is per shard, so changing it needs a new run)."""
+        for k in names:
+            if stored_params[k] != getattr(self, k):
+                raise ValueError(f"{type(self).__name__} state made with {k}={stored_params[k]} restored with "
+                                 f"{k}={getattr(self, k)}: start a new run to change it (state is per shard, "
+                                 "e.g. a new engine parallelism)")
+
     # ------------------------------------------------------------------ input
     def offer(self, seq: int, part: int, payload) -> list:
         if seq < self.next_seq or part in self.waiting.get(seq, {}):
