@@ -14,7 +14,7 @@ import yaml
 from jobs.config import ROOT, Config
 
 __all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate",
-           "replayed_engine", "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER", "parallelism",
+           "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER", "parallelism",
            "on_cluster", "shard_keys", "flink_subtask_of", "stage_function"]
 
 #: the event-time timer jobs flush on: it fires only when the final watermark passes (bounded input ended)
@@ -191,111 +191,6 @@ def terminate(stats) -> None:
 
 
 # ----------------------------------------------------------------------------- hand-off consumers
-def replayed_engine(state_name: str, new_engine, restore_engine, take, publish, setup=None, flush=None,
-                    is_cut=lambda item: True, state_every: int = 1):
-    """A keyed function that runs one engine over hand-off lines, exactly once without
-    checkpoint hooks (the outcomes and learner jobs).
-
-    MapState ``state_name`` holds ``core`` (the engine's ``snapshot()`` at its last cut) and
-    ``log:<seq>`` (the lines taken since). After a restore the engine is rebuilt from ``core``
-    and the logged lines are taken again, which cuts the same results; ``publish`` must be
-    idempotent (it is handed those cuts again). An engine with ``state_parts() -> (core, new,
-    gone)`` is kept incrementally: its parts (``part:<key>``) are put once and removed when
-    gone, and ``restore_engine(core, parts)`` gets them back.
-
-    ``take(engine, handoff_slice, timing) -> cuts`` (the line read by
-    ``udfs.ingest.read_handoff``, or an element ``(line, pickled HandoffSlice)`` read upstream:
-    only the line is logged); ``publish(resources, cut, timing) -> element``;
-    ``setup() -> resources`` runs in ``open`` (tables, stores); ``flush(engine) -> cuts`` at end
-    of input (default ``engine.flush()``); ``is_cut(item)``: whether an item ``take`` returned is a
-    cut (the state is snapshotted after every ``state_every`` cuts, the log kept until then; other
-    items are only published); ``new_engine()``,
-    ``restore_engine(blob)``. The engine has ``next_seq``, ``snapshot()`` and ``flush() -> cuts``.
-    """
-    from pyflink.common import Types
-    from pyflink.datastream import KeyedProcessFunction
-    from pyflink.datastream.state import MapStateDescriptor
-
-    from udfs.ingest import read_handoff
-
-    class ReplayedEngine(KeyedProcessFunction):
-        def open(self, ctx):
-            self.state = ctx.get_map_state(MapStateDescriptor(
-                state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            self.resources = setup() if setup else None
-            self.engine = None
-            self._carry = {}                        # timing of lines that cut nothing yet
-            self._cuts = 0                          # cuts since the state's last snapshot
-            self.logged = set()                     # seqs of the log:<seq> entries (state.keys()
-                                                    # would fetch every entry, parts included)
-
-        def _engine(self):
-            if self.engine is None:
-                entries = dict(self.state.items())
-                parts = {k[5:]: v for k, v in entries.items() if k.startswith("part:")}
-                if "core" not in entries:
-                    self.engine = new_engine()
-                else:
-                    self.engine = restore_engine(entries["core"], parts) if parts else restore_engine(entries["core"])
-                logged = sorted((int(k[4:]), v) for k, v in entries.items() if k.startswith("log:"))
-                self.logged = {seq for seq, _ in logged}
-                for _, line in logged:            # lines after the snapshot: cut their results again
-                    self._publish_all(take(self.engine, read_handoff(line), {"replayed": True}), {"replayed": True})
-            return self.engine
-
-        def _publish_all(self, cuts, timing):
-            for i, cut in enumerate(cuts):         # the line's timing goes with its first cut only
-                self._out.append(publish(self.resources, cut, timing if i == 0 else {}))
-            self._cuts += sum(1 for c in cuts if is_cut(c))
-            if self._cuts >= state_every or (timing.get("end_of_input") and self._cuts):
-                self._cuts = 0                      # snapshot, then drop the log it covers
-                if hasattr(self.engine, "state_parts"):
-                    core, new, gone = self.engine.state_parts()
-                    for k, v in new.items():
-                        self.state.put(f"part:{k}", v)
-                    for k in gone:
-                        self.state.remove(f"part:{k}")
-                else:
-                    core = self.engine.snapshot()
-                self.state.put("core", core)
-                for seq in sorted(s for s in self.logged if s < self.engine.next_seq):
-                    self.state.remove(f"log:{seq}")
-                    self.logged.discard(seq)
-
-        def process_element(self, value, ctx):
-            import pickle
-
-            self._out = []
-            engine = self._engine()
-            if isinstance(value, (tuple, list)):          # (line, slice read upstream)
-                line, blob = value
-                s = pickle.loads(blob)
-            else:
-                line, s = value, read_handoff(value)
-            if s.seq >= engine.next_seq:
-                self.state.put(f"log:{s.seq}", line)
-                self.logged.add(s.seq)
-            timing = {}
-            cuts = take(engine, s, timing)
-            # the timing of lines that cut nothing (waiting for a gap) adds up into the next cut's
-            for k, v in timing.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._carry[k] = round(self._carry.get(k, 0) + v, 3)
-            if cuts:
-                timing, self._carry = {**timing, **self._carry}, {}
-            self._publish_all(cuts, timing)
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            yield from self._out
-
-        def on_timer(self, timestamp, ctx):
-            self._out = []
-            engine = self._engine()
-            self._publish_all(flush(engine) if flush else engine.flush(), {"end_of_input": True})
-            yield from self._out
-
-    return ReplayedEngine()
-
-
 def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | None = None,
                     follow: bool = False, overrides: dict | None = None) -> dict:
     """Run a hand-off consumer wired by ``build(env, cfg, input_dir, follow) -> stats stream`` over

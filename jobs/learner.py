@@ -12,8 +12,9 @@
       │                               learner.label_wait old, corrects it to its final label when the
       │                               conversion window closes; a model snapshot every
       │                               learner.snapshot_every of event time or snapshot_examples decisions.
-      │                               MapState: learner state at the last snapshot + the log of the
-      │                               slices' hand-off lines since (re-read on a restore)
+      │                               udfs.learner_stage.LearnerStage (the engine contract): MapState
+      │                               holds the learner every learner.state_every slices (core + one
+      │                               part per block of held rows) and the hand-off lines since
       ├─► key_by(slice) ─► scores   [Python × P]  each slice's scores -> <data>/scores/ (model version)
       ▼ key_by(0) ─► publish        [Python × 1]  each snapshot -> the model store (fsspec) + a row in
                                                   learner_metrics_v1 (skipped when the table has it)
@@ -114,48 +115,40 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     from pyflink.common import Types
     from pyflink.datastream import FlatMapFunction, MapFunction, OutputTag
 
-    from jobs.flink_env import line_source, parallelism, replayed_engine, shard_keys
-    from udfs.learners import OnlineLearner
+    from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
+    from udfs.learner_stage import HandoffRef, LearnerStage
     from udfs.spec import FeatureSpec
 
     p = parallelism(cfg, env)
     env.set_parallelism(p)
     keys = shard_keys(p, env)
-    params = {**cfg.learner_params(), "spec": FeatureSpec.from_config(cfg)}
+    stage_params = {"learner_params": {**cfg.learner_params(), "spec": FeatureSpec.from_config(cfg)},
+                    "snapshot_every": int(cfg.learner.get("state_every", 1))}
     scores_tag = OutputTag("scores", Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()]))
+    carry = {"learner_s": 0.0, "decisions": 0}       # the learner's own time since the last snapshot
 
     class Read(FlatMapFunction):
         def flat_map(self, line):
             from udfs.ingest import read_handoff
 
-            yield line, pickle.dumps(read_handoff(line), protocol=5)
+            yield 0, pickle.dumps((line, read_handoff(line)), protocol=5)
 
-    carry = {"learner_s": 0.0, "decisions": 0}       # the learner's own time since the last snapshot
-
-    def take(learner, s, timing):
+    def take(stage, blob, timing):
+        line, s = pickle.loads(blob)
         t0 = time.perf_counter()
-        results = learner.offer(s.seq, s.decisions, s.outcomes, s.clock, s.final)
+        items = stage.offer(s.seq, 0, HandoffRef(line, s))     # the log keeps the line only
         carry["learner_s"] += time.perf_counter() - t0
         carry["decisions"] += 0 if s.decisions is None else s.decisions.num_rows
-        items = []
-        for seq, scores, cut in results:
-            for snap in cut:
-                items.append(("snapshot", snap, {"learner_s": round(carry["learner_s"], 3),
-                                                 "decisions": carry["decisions"]}))
-                carry.update(learner_s=0.0, decisions=0)
-            if scores is not None and len(scores):
-                items.append(("scores", seq, scores))
         return items
 
-    def flush_take(learner):
-        return [("snapshot", snap, {"learner_s": round(carry["learner_s"], 3), "decisions": carry["decisions"]})
-                for snap in learner.flush()]
-
-    def publish(_, item, timing):
-        kind, a, b = item
-        if kind == "scores":                      # a slice's scores: to the score writers
-            return scores_tag, (keys[a % p], pickle.dumps((a, b), protocol=5))
-        return pickle.dumps((a, b), protocol=5)
+    def emit(item, timing):
+        if item[0] == "scores":                   # a slice's scores: to the score writers
+            _, seq, scores = item
+            yield scores_tag, (keys[seq % p], pickle.dumps((seq, scores), protocol=5))
+            return
+        own = {"learner_s": round(carry["learner_s"], 3), "decisions": carry["decisions"]}
+        carry.update(learner_s=0.0, decisions=0)
+        yield None, pickle.dumps((item[1], own), protocol=5)
 
     class WriteScores(MapFunction):
         def map(self, value):
@@ -174,14 +167,11 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             return json.dumps(publish_snapshot(cfg, self.table, snap, timing))
 
     lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
-    read = (lines.flat_map(Read(), output_type=Types.TUPLE([Types.STRING(), Types.PICKLED_BYTE_ARRAY()]))
+    read = (lines.flat_map(Read(), output_type=Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()]))
             .name("read").uid("read").set_parallelism(p))
-    learned = (read.key_by(lambda _: 0, key_type=Types.INT())
-               .process(replayed_engine("learner", lambda: OnlineLearner(**params), OnlineLearner.restore,
-                                        take, publish, flush=flush_take,
-                                        is_cut=lambda item: item[0] == "snapshot",
-                                        state_every=int(cfg.learner.get("state_every", 1))),
-                        output_type=Types.PICKLED_BYTE_ARRAY())
+    learned = (read.key_by(lambda t: t[0], key_type=Types.INT())
+               .process(stage_function("learner", LearnerStage, lambda _: stage_params, take, emit,
+                                       flush_at_end=True), output_type=Types.PICKLED_BYTE_ARRAY())
                .name("learner").uid("learner").set_parallelism(1))
     (learned.get_side_output(scores_tag).key_by(lambda t: t[0], key_type=Types.INT())
      .map(WriteScores(), output_type=Types.INT()).name("scores").uid("scores").set_parallelism(p))

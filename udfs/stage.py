@@ -136,10 +136,11 @@ class SliceStage(ABC):
         self._live_parts.discard(name)
 
     def state_delta(self) -> dict:
+        core = self._core() if self._snapshot_due else None      # (it may put or drop parts)
         out, self._dirty = self._dirty, {}
         if self._snapshot_due:
             out["core"] = pickle.dumps({"params": self._params(), "next_seq": self.next_seq,
-                                        "parts": sorted(self._live_parts), "core": self._core()}, protocol=5)
+                                        "parts": sorted(self._live_parts), "core": core}, protocol=5)
             for name in self._gone_parts:
                 out[f"part:{name}"] = None
             self._gone_parts = set()
