@@ -109,7 +109,8 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
     from jobs.iceberg_store import last_epoch, write_day_files
-    from udfs.outcomes import EpochCommitter, EpochLabeller, EpochPart, OutcomeEngine, OutcomeShard, split_handoff
+    from udfs.outcomes import (DECISION_COLUMNS, EpochCommitter, EpochLabeller, EpochPart, OutcomeEngine,
+                               OutcomeShard, split_handoff)
 
     p = parallelism(cfg, env)
     env.set_parallelism(p)
@@ -126,7 +127,10 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
             t0 = time.perf_counter()
             h = read_handoff(line)
-            parts = split_handoff(h.seq, h.decisions, h.outcomes, h.clock, h.final, h.quarantined, p)
+            decisions = h.decisions
+            if decisions is not None:        # the outcome rows carry these; not the 27 features
+                decisions = decisions.select([c for c in DECISION_COLUMNS if c in decisions.column_names])
+            parts = split_handoff(h.seq, decisions, h.outcomes, h.clock, h.final, h.quarantined, p)
             parts[0].read_s = round(time.perf_counter() - t0, 3)
             for i, part in enumerate(parts):
                 yield keys[i], pickle.dumps(part, protocol=5)
