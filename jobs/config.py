@@ -42,6 +42,7 @@ class Config:
     iceberg: MappingProxyType
     outcomes: MappingProxyType
     learner: MappingProxyType
+    limits: MappingProxyType
 
     @property
     def data_dir(self) -> Path:
@@ -50,7 +51,7 @@ class Config:
 
     def engine_params(self) -> dict:
         """Constructor arguments of ``udfs.features.FeatureEngine``."""
-        return dict(self.features)
+        return {**self.features, "max_future": self.limits.get("max_future")}
 
     def outcome_params(self) -> dict:
         """Constructor arguments of ``udfs.outcomes.OutcomeEngine``."""
@@ -63,7 +64,7 @@ class Config:
         """Constructor arguments of ``udfs.learners.OnlineLearner``."""
         keys = ("label_wait", "refit_every", "snapshot_every", "snapshot_examples", "batch_size", "lr",
                 "intercept_lr", "buckets", "calibration_window", "ipw_clip", "drift_threshold", "model_id",
-                "effect_modifiers")
+                "effect_modifiers", "uplift_buckets", "dr_ridge")
         return {"half_lives": tuple(self.features["half_lives"]),
                 "click_window": self.features["click_window"],
                 "conversion_window": self.features["conversion_window"],

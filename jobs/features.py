@@ -50,14 +50,18 @@ from jobs.flink_env import END_OF_INPUT_TIMER, shard_keys, stage_function  # noq
 __all__ = ["build", "run", "read_validate"]
 
 
-def read_validate(manifest_line: str, shards: int) -> list:
+def read_validate(manifest_line: str, shards: int, limits: dict | None = None) -> list:
     """One manifest line -> ``[(shard, pickled ReaderPart)]``, one per attribution shard."""
     from udfs.features import split_slice
     from udfs.ingest import read_slice
+    from udfs.spec import parse_duration
 
+    limits = limits or {}
     t0 = time.thread_time()            # CPU seconds of this thread (stage timings: CPU, not wall)
-    s = read_slice(manifest_line, as_frames=True)
-    parts = split_slice(s.seq, s.batches, s.lines, s.quarantined, shards)
+    s = read_slice(manifest_line, as_frames=True, limits=limits)
+    future = limits.get("max_future")
+    parts = split_slice(s.seq, s.batches, s.lines, s.quarantined, shards,
+                        None if future is None else parse_duration(future))
     parts[0].timing = {"read_s": round(time.thread_time() - t0, 3)}
     return [(i, pickle.dumps(p, protocol=5)) for i, p in enumerate(parts)]
 
@@ -94,7 +98,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     class ReadValidate(FlatMapFunction):
         def flat_map(self, value):
-            for shard, blob in read_validate(value, p):
+            for shard, blob in read_validate(value, p, dict(cfg.limits)):
                 yield keys[shard], blob
 
     def attribution_take(stage, blob, timing):

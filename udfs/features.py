@@ -92,15 +92,30 @@ def to_frames(batches: dict) -> dict:
 
 
 def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined: list | None = None,
-                shards: int = 1) -> list[ReaderPart]:
+                shards: int = 1, max_future_ms: int | None = None, now_ms: int | None = None) -> list[ReaderPart]:
     """One :class:`ReaderPart` per attribution shard: each record goes to
     ``shard_of(id_hash(decision_id))``; every part carries the slice's max event time (the
-    clock input); shard 0 carries the line counts and the validation quarantine."""
+    clock input); shard 0 carries the line counts and the validation quarantine.
+
+    With ``max_future_ms``, a record dated more than that after ``now_ms`` (processing time,
+    default the wall clock) is quarantined as ``future`` before it can move the clock: one
+    mis-dated record would otherwise make every later event ``late``."""
     frames = to_frames(batches)
+    quarantined = list(quarantined or [])
+    if max_future_ms is not None:
+        import time
+
+        limit = (int(time.time() * 1000) if now_ms is None else int(now_ms)) + int(max_future_ms)
+        for kind, df in list(frames.items()):
+            ahead = df["event_time"].to_numpy() > limit
+            if ahead.any():
+                quarantined += [(kind, r, "future") for r in df[ahead].to_dict("records")]
+                frames[kind] = df[~ahead].reset_index(drop=True)
+        frames = {k: v for k, v in frames.items() if len(v)}
     ts = [int(df["event_time"].max()) for df in frames.values() if len(df)]
     clock_t = max(ts) if ts else None
     parts = [ReaderPart(seq=seq, clock_t=clock_t, batches={}) for _ in range(shards)]
-    parts[0].lines, parts[0].quarantined = (dict(lines) if lines is not None else None), list(quarantined or [])
+    parts[0].lines, parts[0].quarantined = (dict(lines) if lines is not None else None), quarantined
     for kind, df in frames.items():
         if shards == 1:
             parts[0].batches[kind] = df
@@ -200,7 +215,7 @@ class FeatureEngine:
 
     def __init__(self, half_lives=("1h", "1d", "7d"), out_of_orderness="5m", click_window="1h",
                  conversion_window="7d", dedupe_ttl="1d", online_every=1, snapshot_every=8, shards=1,
-                 spec_version="v1", spec: FeatureSpec | None = None):
+                 spec_version="v1", spec: FeatureSpec | None = None, max_future=None):
         self.half_lives = tuple(half_lives)
         self.out_of_orderness = out_of_orderness
         self.click_window = click_window
@@ -210,6 +225,7 @@ class FeatureEngine:
         self.snapshot_every = snapshot_every
         self.shards = int(shards)
         self.spec_version = spec_version
+        self.max_future = max_future
         self.spec = spec or FeatureSpec(half_lives=self.half_lives, version=spec_version)
         self.feature_columns = list(self.spec.feature_names())
         n = self.shards
@@ -238,7 +254,8 @@ class FeatureEngine:
         became processable, in sequence order. A slice already taken is ignored."""
         if seq < self.next_seq or seq in self.routers[0].waiting:
             return []
-        parts = split_slice(seq, batches, lines, quarantined, self.shards)
+        parts = split_slice(seq, batches, lines, quarantined, self.shards,
+                            None if self.max_future is None else parse_duration(self.max_future))
         return self._route([r for i, p in enumerate(parts) for r in self.routers[i].offer(seq, 0, p)])
 
     def flush(self) -> list[SliceOutput]:
@@ -275,7 +292,8 @@ class FeatureEngine:
         return {"half_lives": self.half_lives, "out_of_orderness": self.out_of_orderness,
                 "click_window": self.click_window, "conversion_window": self.conversion_window,
                 "dedupe_ttl": self.dedupe_ttl, "online_every": self.online_every,
-                "snapshot_every": self.snapshot_every, "shards": self.shards, "spec_version": self.spec_version}
+                "snapshot_every": self.snapshot_every, "shards": self.shards, "spec_version": self.spec_version,
+                "max_future": self.max_future}
 
     @classmethod
     def restore(cls, entries: dict, **params) -> "FeatureEngine":

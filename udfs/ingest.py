@@ -24,6 +24,31 @@ from udfs.validation import Validator
 __all__ = ["Slice", "read_slice", "manifest_lines", "VALIDATORS", "HandoffSlice", "handoff_lines", "read_handoff"]
 
 VALIDATORS = {name: Validator(c) for name, c in CONTRACTS.items()}
+_VALIDATORS = {}
+#: a quarantined line longer than this is stored as its head and a digest, never whole
+QUARANTINE_HEAD = 512
+
+
+def validators(max_field_chars: int | None = None, max_line_bytes: int | None = None) -> dict:
+    """The contracts' validators with these size limits (the defaults when None)."""
+    if max_field_chars is None and max_line_bytes is None:
+        return VALIDATORS
+    key = (max_field_chars, max_line_bytes)
+    if key not in _VALIDATORS:
+        kw = {k: v for k, v in (("max_field_chars", max_field_chars), ("max_line_bytes", max_line_bytes))
+              if v is not None}
+        _VALIDATORS[key] = {name: Validator(c, **kw) for name, c in CONTRACTS.items()}
+    return _VALIDATORS[key]
+
+
+def _quarantined_text(line: bytes) -> str:
+    """A rejected line as stored in quarantine: whole if short, else its head and a digest."""
+    if len(line) <= QUARANTINE_HEAD:
+        return line.decode("utf-8", "replace")
+    import hashlib
+
+    return (line[:QUARANTINE_HEAD].decode("utf-8", "replace")
+            + f"…[{len(line)} bytes, sha256 {hashlib.sha256(line).hexdigest()}]")
 
 
 @dataclass
@@ -40,14 +65,17 @@ def manifest_lines(input_dir) -> list[str]:
     return [line for f in files for line in f.read_text().splitlines() if line]
 
 
-def read_slice(manifest_line: str | bytes, as_frames: bool = False) -> Slice:
+def read_slice(manifest_line: str | bytes, as_frames: bool = False, limits: dict | None = None) -> Slice:
     """Read and validate the files of one slice; with ``as_frames`` each stream's valid records
-    come as one pandas DataFrame in contract columns instead of a list of tuples."""
+    come as one pandas DataFrame in contract columns instead of a list of tuples. ``limits``:
+    ``max_field_chars``, ``max_line_bytes`` (``limits`` in streamlift.yaml)."""
+    limits = limits or {}
+    vals = validators(limits.get("max_field_chars"), limits.get("max_line_bytes"))
     m = orjson.loads(manifest_line)
     root = Path(m.get("root", "."))
     batches, lines, bad = {}, {}, []
     for stream, rel in m["files"].items():
-        validator = VALIDATORS[stream]
+        validator = vals[stream]
         path = Path(rel) if Path(rel).is_absolute() else root / rel
         raw = [l for l in path.read_bytes().split(b"\n") if l.strip()]
         cols, q = validator.parse_lines(raw)
@@ -59,7 +87,7 @@ def read_slice(manifest_line: str | bytes, as_frames: bool = False) -> Slice:
         else:
             batches[stream] = list(zip(*(cols[n] for n in names)))
         lines[stream] = len(raw)
-        bad.extend((stream, l.decode("utf-8", "replace"), r) for l, r in q)
+        bad.extend((stream, _quarantined_text(l), r) for l, r in q)
     return Slice(seq=int(m["seq"]), batches=batches, lines=lines, quarantined=bad)
 
 

@@ -24,11 +24,19 @@ import re
 
 import orjson
 
-__all__ = ["Validator", "reason_kind", "MIN_TIMESTAMP_MS", "MAX_TIMESTAMP_MS"]
+__all__ = ["Validator", "reason_kind", "MIN_TIMESTAMP_MS", "MAX_TIMESTAMP_MS", "MAX_FIELD_CHARS",
+           "MAX_LINE_BYTES", "MAX_ABS_DOUBLE"]
 
 #: 2000-01-01 and 2100-01-01 UTC: anything outside is an impossible event time
 MIN_TIMESTAMP_MS = 946_684_800_000
 MAX_TIMESTAMP_MS = 4_102_444_800_000
+#: default size limits: a string field longer than this is ``size:<field>``, a line longer than
+#: this is ``size:line`` (both configurable: ``limits`` in streamlift.yaml)
+MAX_FIELD_CHARS = 256
+MAX_LINE_BYTES = 65_536
+#: doubles without a contract bound must be finite and at most this in magnitude (sums of many
+#: of them must not overflow)
+MAX_ABS_DOUBLE = 1e15
 
 
 def reason_kind(reason: str) -> str:
@@ -36,19 +44,22 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def _check_for(f):
+def _check_for(f, max_chars: int = MAX_FIELD_CHARS):
     """Build one field's check: value -> (clean value, failed check or None)."""
     name = f.name
     if f.type == "string":
+        # fullmatch: "$" in a pattern also matches before a trailing newline
         rx = re.compile(f.pattern) if f.pattern else None
         enum = frozenset(f.enum) if f.enum else None
 
         def check(v):
             if type(v) is not str or not v:
                 return None, "type"
+            if len(v) > max_chars:
+                return None, "size"
             if enum is not None and v not in enum:
                 return None, "enum"
-            if rx is not None and rx.match(v) is None:
+            if rx is not None and rx.fullmatch(v) is None:
                 return None, "pattern"
             return v, None
     elif f.type in ("int", "timestamp_ms"):
@@ -71,8 +82,11 @@ def _check_for(f):
             t = type(v)
             if t is not float and t is not int:
                 return None, "type"
-            v = float(v)
-            if v != v or (lo is not None and v < lo) or (hi is not None and v > hi) \
+            try:
+                v = float(v)
+            except OverflowError:           # an int beyond a double
+                return None, "range"
+            if v != v or abs(v) > MAX_ABS_DOUBLE or (lo is not None and v < lo) or (hi is not None and v > hi) \
                     or (xlo is not None and v <= xlo):
                 return None, "range"
             return v, None
@@ -89,9 +103,11 @@ def _check_for(f):
 class Validator:
     """Validates records against one contract; built once per contract."""
 
-    def __init__(self, contract):
+    def __init__(self, contract, max_field_chars: int = MAX_FIELD_CHARS, max_line_bytes: int = MAX_LINE_BYTES):
         self.contract = contract
-        self._checks = [(f.name, _check_for(f)) for f in contract.fields]
+        self.max_field_chars = int(max_field_chars)
+        self.max_line_bytes = int(max_line_bytes)
+        self._checks = [(f.name, _check_for(f, self.max_field_chars)) for f in contract.fields]
 
     def validate(self, obj) -> tuple[dict | None, str | None]:
         if type(obj) is not dict:
@@ -107,6 +123,8 @@ class Validator:
         return out, None
 
     def parse_line(self, line: bytes | str) -> tuple[dict | None, str | None]:
+        if len(line) > self.max_line_bytes:
+            return None, "size:line"
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -121,8 +139,12 @@ class Validator:
         bad = []
         loads, err = orjson.loads, orjson.JSONDecodeError
         validate = self.validate
+        limit = self.max_line_bytes
         for line in lines:
             if not line.strip():
+                continue
+            if len(line) > limit:
+                bad.append((line, "size:line"))
                 continue
             try:
                 obj = loads(line)

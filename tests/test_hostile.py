@@ -1,0 +1,78 @@
+"""Hostile input (no JVM): exact patterns, size limits, finite numbers, future-dated events that
+cannot move the clock, and composite keys that no separator can merge."""
+
+import json
+
+import pytest
+
+from schemas import CONTRACTS
+from udfs.validation import Validator
+
+T0 = 1_767_225_600_000
+DEC = {"decision_id": "d1", "event_time": T0, "user_id": "u_0000000000000001", "placement": "feed",
+       "device": "ios", "region": "eu", "hour": 0, "campaign_id": "c1", "creative_id": "k1", "arm": "treatment",
+       "propensity": 0.5, "policy_id": "p", "model_version": "m1", "feature_schema_version": 1, "consent": True}
+
+
+def check(kind, rec, **limits):
+    return Validator(CONTRACTS[kind], **limits).parse_line(json.dumps(rec).encode())[1]
+
+
+def test_patterns_match_the_whole_value():
+    assert check("decision", DEC) is None
+    assert check("decision", {**DEC, "user_id": "u_0000000000000001\n"}) == "pattern:user_id"
+    assert check("decision", {**DEC, "user_id": "alice@example.com"}) == "pattern:user_id"
+
+
+def test_size_limits_have_their_own_reasons_and_huge_lines_are_not_stored_whole(tmp_path):
+    from udfs.ingest import read_slice
+
+    assert check("decision", {**DEC, "decision_id": "d" * 300}) == "size:decision_id"
+    assert check("decision", {**DEC, "decision_id": "d" * 300}, max_field_chars=1000) is None
+    huge = json.dumps({**DEC, "decision_id": "x" * 200_000}).encode()
+    (tmp_path / "d.jsonl").write_bytes(json.dumps(DEC).encode() + b"\n" + huge + b"\n")
+    s = read_slice(json.dumps({"seq": 0, "root": str(tmp_path), "files": {"decision": "d.jsonl"}}))
+    assert s.lines == {"decision": 2} and len(s.batches["decision"]) == 1
+    (stream, stored, reason), = s.quarantined
+    assert reason == "size:line" and len(stored) < 700 and "sha256" in stored
+
+
+def test_numbers_must_be_finite_and_bounded():
+    assert check("conversion", {"event_id": "v", "decision_id": "d1", "event_time": T0, "value": 1e308}) == "range:value"
+    assert check("conversion", {"event_id": "v", "decision_id": "d1", "event_time": T0, "value": 1e16}) == "range:value"
+    assert check("conversion", {"event_id": "v", "decision_id": "d1", "event_time": T0, "value": 12.5}) is None
+
+
+def test_a_future_dated_record_is_quarantined_and_does_not_move_the_clock():
+    from udfs.features import FeatureEngine
+
+    hour = 3_600_000
+    slices = [[{**DEC, "decision_id": f"a{i}", "event_time": T0 + i * 60_000} for i in range(50)],
+              [{**DEC, "decision_id": "bad", "event_time": 3_786_000_000_000}]            # 2089
+              + [{**DEC, "decision_id": f"b{i}", "event_time": T0 + hour + i * 60_000} for i in range(50)],
+              [{**DEC, "decision_id": f"c{i}", "event_time": T0 + 2 * hour + i * 60_000} for i in range(50)]]
+    for guard, expect_late in ((None, True), ("1d", False)):
+        eng = FeatureEngine(half_lives=("1h",), max_future=guard)
+        outs = []
+        for seq, recs in enumerate(slices):
+            outs += eng.offer(seq, {"decision": recs})
+        outs += eng.flush()
+        reasons = [r for o in outs for _, _, r in o.quarantine]
+        if expect_late:            # without the guard the one record makes everything after it late
+            assert reasons.count("late") >= 50
+        else:
+            assert reasons == ["future"]
+            assert sum(o.counts["processed"].get("decision", 0) for o in outs) == 150
+
+
+def test_composite_keys_cannot_be_merged_by_a_separator():
+    from udfs.features import FeatureEngine
+
+    eng = FeatureEngine(half_lives=("1h",), out_of_orderness="0ms")
+    recs = [{**DEC, "decision_id": "x1", "campaign_id": "a|b", "creative_id": "c"},
+            {**DEC, "decision_id": "x2", "campaign_id": "a", "creative_id": "b|c", "event_time": T0 + 1}]
+    eng.offer(0, {"decision": recs})
+    eng.flush()
+    cc = eng.feature_values("campaign_creative")
+    assert sorted(zip(cc.campaign_id, cc.creative_id)) == [("a", "b|c"), ("a|b", "c")]
+    assert cc.impressions_1h.tolist() == pytest.approx([1.0, 1.0])
