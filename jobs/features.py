@@ -180,13 +180,14 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     attributed = group(parts.key_by(lambda t: t[0], key_type=Types.INT())
                        .process(stage_function("attribution", AttributionStage,
                                                lambda key: template.router_params(shard_of_key[key]),
-                                               attribution_take, attribution_emit, flush_at_end=True),
+                                               attribution_take, attribution_emit, flush_at_end=True,
+                                               errors_dir=cfg.data_dir),
                                 output_type=keyed_type())
                        .name("attribution").uid("attribution").set_parallelism(p), "engine")
     accumulated = group(attributed.key_by(lambda t: t[0], key_type=Types.INT())
                         .process(stage_function("accumulate", AccumulatorStage,
                                                 lambda key: template.acc_params(shard_of_key[key]),
-                                                accumulate_take, accumulate_emit),
+                                                accumulate_take, accumulate_emit, errors_dir=cfg.data_dir),
                                  output_type=keyed_type())
                         .name("accumulate").uid("accumulate").set_parallelism(p), "engine")
     merged = group(attributed.get_side_output(to_merge).union(accumulated)

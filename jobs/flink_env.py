@@ -15,7 +15,7 @@ from jobs.config import ROOT, Config
 
 __all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate",
            "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER", "parallelism",
-           "on_cluster", "shard_keys", "flink_subtask_of", "stage_function"]
+           "on_cluster", "shard_keys", "flink_subtask_of", "stage_function", "record_error"]
 
 #: the event-time timer jobs flush on: it fires only when the final watermark passes (bounded input ended)
 END_OF_INPUT_TIMER = 2 ** 62
@@ -108,7 +108,20 @@ def shard_keys(p: int, env=None) -> list[int]:
     return keys
 
 
-def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush_at_end: bool = False):
+def record_error(data_dir: Path, where: str) -> str:
+    """Write the current exception's Python traceback to ``<data_dir>/errors/<where>-<time>.txt``
+    (Flink's own log is shared by every job of the installation); returns the text."""
+    import traceback
+
+    text = traceback.format_exc()
+    folder = Path(data_dir) / "errors"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{where}-{int(time.time() * 1000)}-{os.getpid()}.txt").write_text(text)
+    return text
+
+
+def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush_at_end: bool = False,
+                   errors_dir: Path | None = None):
     """A keyed function running one :class:`udfs.stage.SliceStage` per key (shard), its state a
     MapState of the stage's :meth:`state_delta` entries.
 
@@ -116,7 +129,8 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
     ``emit(output, timing)`` yields ``(None, element)`` for the main output or ``(tag, element)``
     for a side output. With ``flush_at_end`` the stage is flushed when the input ends (the
     final watermark). Outputs of slices taken again on a restore are not emitted twice
-    (``SliceStage.restore``).
+    (``SliceStage.restore``). An exception's traceback is written to ``errors_dir`` (see
+    :func:`record_error`) before Flink fails the task (and restarts it, up to its restart strategy).
     """
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
@@ -148,18 +162,30 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
                     yield element if tag is None else (tag, element)
 
         def process_element(self, value, ctx):
-            stage = self._stage(ctx.get_current_key())
-            timing = {f"{state_name}_subtask:{getattr(stage, 'shard', 0)}": self.subtask}
-            outs = take(stage, value[1], timing)
-            if flush_at_end:
-                ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            yield from self._out(outs, timing)
-            self._persist(stage)      # after the outputs: a crash in between replays them, idempotently
+            try:
+                stage = self._stage(ctx.get_current_key())
+                timing = {f"{state_name}_subtask:{getattr(stage, 'shard', 0)}": self.subtask}
+                outs = take(stage, value[1], timing)
+                if flush_at_end:
+                    ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
+                out = list(self._out(outs, timing))
+                self._persist(stage)  # a crash before this replays the outputs, idempotently
+            except Exception:
+                if errors_dir is not None:
+                    record_error(errors_dir, state_name)
+                raise
+            yield from out
 
         def on_timer(self, timestamp, ctx):
-            stage = self._stage(ctx.get_current_key())
-            yield from self._out(stage.flush(), {})
-            self._persist(stage)
+            try:
+                stage = self._stage(ctx.get_current_key())
+                out = list(self._out(stage.flush(), {}))
+                self._persist(stage)
+            except Exception:
+                if errors_dir is not None:
+                    record_error(errors_dir, state_name)
+                raise
+            yield from out
 
     return StageFunction()
 

@@ -171,7 +171,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             .name("read").uid("read").set_parallelism(p))
     learned = (read.key_by(lambda t: t[0], key_type=Types.INT())
                .process(stage_function("learner", LearnerStage, lambda _: stage_params, take, emit,
-                                       flush_at_end=True), output_type=Types.PICKLED_BYTE_ARRAY())
+                                       flush_at_end=True, errors_dir=cfg.data_dir), output_type=Types.PICKLED_BYTE_ARRAY())
                .name("learner").uid("learner").set_parallelism(1))
     (learned.get_side_output(scores_tag).key_by(lambda t: t[0], key_type=Types.INT())
      .map(WriteScores(), output_type=Types.INT()).name("scores").uid("scores").set_parallelism(p))

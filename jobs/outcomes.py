@@ -75,12 +75,17 @@ def commit(cfg: Config, tables: dict, epoch, timing: dict | None = None) -> dict
 
 def _crash_point(name: str, epoch) -> None:
     """Fault injection for tests: with STREAMLIFT_CRASH_AT=<name>:<epoch> the Python worker
-    kills itself (SIGKILL) at that point, once (STREAMLIFT_CRASH_MARKER: a file made first)."""
+    kills itself (SIGKILL) at that point, once (STREAMLIFT_CRASH_MARKER: a file made first); with
+    STREAMLIFT_CRASH_MODE=raise it raises there every time (a job that cannot succeed)."""
     import os
 
     want = os.environ.get("STREAMLIFT_CRASH_AT")
+    if not want or want != f"{name}:{epoch.epoch}":
+        return
+    if os.environ.get("STREAMLIFT_CRASH_MODE") == "raise":
+        raise RuntimeError(f"injected failure at {name} of epoch {epoch.epoch}")
     marker = os.environ.get("STREAMLIFT_CRASH_MARKER")
-    if not want or not marker or want != f"{name}:{epoch.epoch}" or os.path.exists(marker):
+    if not marker or os.path.exists(marker):
         return
     Path(marker).write_text(f"{name} {epoch.epoch} {len(epoch.files)} files written\n")
     import signal
@@ -178,16 +183,18 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
              .set_parallelism(p))
     cut = (parts.key_by(lambda t: t[0], key_type=Types.INT())
            .process(stage_function("outcomes", OutcomeShard, lambda k: template.shard_params(shard_of_key[k]),
-                                   shard_take, shard_emit, flush_at_end=True), output_type=keyed())
+                                   shard_take, shard_emit, flush_at_end=True, errors_dir=cfg.data_dir),
+                    output_type=keyed())
            .name("outcome-shard").uid("outcome-shard").set_parallelism(p))
     labelled = (cut.key_by(lambda t: t[0], key_type=Types.INT())
                 .process(stage_function("labeller", EpochLabeller,
                                         lambda k: template.labeller_params(shard_of_key[k]),
-                                        label_take, label_emit), output_type=keyed())
+                                        label_take, label_emit, errors_dir=cfg.data_dir), output_type=keyed())
                 .name("label-write").uid("label-write").set_parallelism(p))
     return (labelled.key_by(lambda t: t[0], key_type=Types.INT())
             .process(stage_function("committer", EpochCommitter, lambda k: {"shards": p},
-                                    commit_take, commit_emit), output_type=Types.STRING())
+                                    commit_take, commit_emit, errors_dir=cfg.data_dir),
+                     output_type=Types.STRING())
             .name("commit").uid("commit").set_parallelism(1))
 
 

@@ -76,3 +76,20 @@ def test_composite_keys_cannot_be_merged_by_a_separator():
     cc = eng.feature_values("campaign_creative")
     assert sorted(zip(cc.campaign_id, cc.creative_id)) == [("a", "b|c"), ("a|b", "c")]
     assert cc.impressions_1h.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_source_faults_are_quarantined_and_counted(tmp_path):
+    """A manifest naming a missing file or an unknown stream: recorded with a reason, counted as
+    input, and the slice's other files are read; in = processed + quarantined + pending."""
+    from udfs.features import FeatureEngine
+    from udfs.ingest import read_slice
+
+    (tmp_path / "d.jsonl").write_text(json.dumps(DEC) + "\n")
+    s = read_slice(json.dumps({"seq": 0, "root": str(tmp_path),
+                               "files": {"decision": "d.jsonl", "click": "missing.jsonl", "bogus": "x.jsonl"}}))
+    assert sorted(r for _, _, r in s.quarantined) == ["source:missing_file", "source:unknown_stream"]
+    assert s.lines == {"decision": 1, "click": 1, "bogus": 1}
+    eng = FeatureEngine(half_lives=("1h",))
+    outs = eng.offer(0, s.batches, s.lines, s.quarantined) + eng.flush()
+    n_in = sum(sum(o.counts["in"].values()) for o in outs)
+    assert n_in == sum(sum(o.counts["processed"].values()) for o in outs) + sum(len(o.quarantine) for o in outs)

@@ -336,3 +336,29 @@ def test_learner_snapshots_do_not_depend_on_the_parallelism_around_it(pipeline, 
         x = load_model(cfg.model_store, cfg.learner["model_id"], m["version"]).bundle.digest()
         y = load_model(one.model_store, one.learner["model_id"], m["version"]).bundle.digest()
         assert x == y, m["version"]
+
+
+def test_a_job_that_keeps_failing_stops_with_its_traceback(pipeline, tmp_path):
+    """An exception on every attempt: Flink restarts the task with exponential back-off at most
+    5 times (flink-conf), then the job exits non-zero; the Python traceback is on the job's own
+    stderr and in <data>/errors/."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    cfg, _, _, _ = pipeline
+    first = min(int(p.stem[6:]) for p in (cfg.data_dir / "outcomes").glob("epoch-*.json"))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STREAMLIFT_PATHS__DATA_DIR": str(run_dir),
+           "STREAMLIFT_CRASH_AT": f"before_commit:{first}", "STREAMLIFT_CRASH_MODE": "raise"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "jobs.outcomes", "--input", str(cfg.data_dir)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and time.time() - t0 < 300
+    assert "injected failure at before_commit" in r.stderr
+    errors = sorted((run_dir / "errors").glob("committer-*.txt"))
+    assert 2 <= len(errors) <= 6                     # the first attempt and at most 5 restarts
+    assert "RuntimeError: injected failure" in errors[0].read_text()

@@ -75,9 +75,19 @@ def read_slice(manifest_line: str | bytes, as_frames: bool = False, limits: dict
     root = Path(m.get("root", "."))
     batches, lines, bad = {}, {}, []
     for stream, rel in m["files"].items():
-        validator = vals[stream]
         path = Path(rel) if Path(rel).is_absolute() else root / rel
-        raw = [l for l in path.read_bytes().split(b"\n") if l.strip()]
+        # source faults are data: the file's entry counts as one input record, quarantined
+        if stream not in vals:
+            lines[stream] = lines.get(stream, 0) + 1
+            bad.append((stream, str(rel), "source:unknown_stream"))
+            continue
+        try:
+            raw = [l for l in path.read_bytes().split(b"\n") if l.strip()]
+        except OSError as e:
+            lines[stream] = lines.get(stream, 0) + 1
+            bad.append((stream, str(rel), f"source:{'missing_file' if isinstance(e, FileNotFoundError) else 'unreadable'}"))
+            continue
+        validator = vals[stream]
         cols, q = validator.parse_lines(raw)
         names = validator.contract.field_names
         if as_frames:
@@ -86,7 +96,7 @@ def read_slice(manifest_line: str | bytes, as_frames: bool = False, limits: dict
             batches[stream] = pd.DataFrame({n: cols[n] for n in names})
         else:
             batches[stream] = list(zip(*(cols[n] for n in names)))
-        lines[stream] = len(raw)
+        lines[stream] = lines.get(stream, 0) + len(raw)
         bad.extend((stream, _quarantined_text(l), r) for l, r in q)
     return Slice(seq=int(m["seq"]), batches=batches, lines=lines, quarantined=bad)
 
