@@ -43,6 +43,7 @@ class Config:
     outcomes: MappingProxyType
     learner: MappingProxyType
     limits: MappingProxyType
+    privacy: MappingProxyType
 
     @property
     def data_dir(self) -> Path:

@@ -98,7 +98,8 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     class ReadValidate(FlatMapFunction):
         def flat_map(self, value):
-            for shard, blob in read_validate(value, p, dict(cfg.limits)):
+            for shard, blob in read_validate(value, p, {**cfg.limits,
+                                                        "quarantine_key": str(cfg.privacy["quarantine_key"])}):
                 yield keys[shard], blob
 
     def attribution_take(stage, blob, timing):

@@ -93,3 +93,21 @@ def test_source_faults_are_quarantined_and_counted(tmp_path):
     outs = eng.offer(0, s.batches, s.lines, s.quarantined) + eng.flush()
     n_in = sum(sum(o.counts["in"].values()) for o in outs)
     assert n_in == sum(sum(o.counts["processed"].values()) for o in outs) + sum(len(o.quarantine) for o in outs)
+
+
+def test_without_consent_no_user_id_goes_downstream_and_rejected_ids_are_hashed(tmp_path):
+    from udfs.features import FeatureEngine
+    from udfs.ingest import read_slice
+
+    recs = [{**DEC, "decision_id": "y1", "consent": False, "user_id": "u_00000000000000aa"},
+            {**DEC, "decision_id": "y2", "user_id": "alice@example.com"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = read_slice(json.dumps({"seq": 0, "root": str(tmp_path), "files": {"decision": "d.jsonl"}}),
+                   limits={"quarantine_key": "k"})
+    (_, stored, reason), = s.quarantined
+    assert reason == "pattern:user_id" and "alice" not in stored and '"user_id":"hmac:' in stored
+    eng = FeatureEngine(half_lives=("1h",), out_of_orderness="0ms")
+    outs = eng.offer(0, s.batches, s.lines, s.quarantined) + eng.flush()
+    enriched = [o.enriched for o in outs if o.enriched is not None][0]
+    assert enriched.user_id.tolist() == [""] and "u_00000000000000aa" not in enriched.to_json()
+    assert len(eng.feature_values("user")) == 0

@@ -102,6 +102,13 @@ def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined:
     mis-dated record would otherwise make every later event ``late``."""
     frames = to_frames(batches)
     quarantined = list(quarantined or [])
+    dec = frames.get("decision")
+    if dec is not None and "consent" in dec and not dec["consent"].all():
+        # consent, end to end: without it no user-level value is kept anywhere downstream
+        # (features, enriched decisions, hand-off, outcome rows): the user id is dropped here
+        dec = dec.copy()
+        dec.loc[~dec["consent"].astype(bool), "user_id"] = ""
+        frames["decision"] = dec
     if max_future_ms is not None:
         import time
 

@@ -41,8 +41,36 @@ def validators(max_field_chars: int | None = None, max_line_bytes: int | None = 
     return _VALIDATORS[key]
 
 
-def _quarantined_text(line: bytes) -> str:
-    """A rejected line as stored in quarantine: whole if short, else its head and a digest."""
+#: fields whose rejected values are stored in quarantine as a keyed hash, never verbatim
+IDENTIFIER_FIELDS = ("user_id",)
+
+
+def keyed_hash(value: str, key: str) -> str:
+    """HMAC-SHA256 of a rejected identifier under the quarantine key (``privacy.quarantine_key``):
+    equal values stay comparable, the value cannot be read back.
+
+    >>> keyed_hash("alice@example.com", "k") == keyed_hash("alice@example.com", "k"), keyed_hash("a", "k")[:5]
+    (True, 'hmac:')
+    """
+    import hashlib
+    import hmac
+
+    return "hmac:" + hmac.new(key.encode(), str(value).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _quarantined_text(line: bytes, key: str | None = None) -> str:
+    """A rejected line as stored in quarantine: identifier fields replaced by a keyed hash; whole
+    if short, else its head and a digest."""
+    if key is not None and b"user_id" in line and len(line) <= QUARANTINE_HEAD * 8:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and any(f in obj for f in IDENTIFIER_FIELDS):
+            for f in IDENTIFIER_FIELDS:
+                if f in obj:
+                    obj[f] = keyed_hash(obj[f], key)
+            line = orjson.dumps(obj)
     if len(line) <= QUARANTINE_HEAD:
         return line.decode("utf-8", "replace")
     import hashlib
@@ -68,7 +96,8 @@ def manifest_lines(input_dir) -> list[str]:
 def read_slice(manifest_line: str | bytes, as_frames: bool = False, limits: dict | None = None) -> Slice:
     """Read and validate the files of one slice; with ``as_frames`` each stream's valid records
     come as one pandas DataFrame in contract columns instead of a list of tuples. ``limits``:
-    ``max_field_chars``, ``max_line_bytes`` (``limits`` in streamlift.yaml)."""
+    ``max_field_chars``, ``max_line_bytes`` (``limits`` in streamlift.yaml) and ``quarantine_key``
+    (identifiers in rejected lines are stored as a keyed hash under it)."""
     limits = limits or {}
     vals = validators(limits.get("max_field_chars"), limits.get("max_line_bytes"))
     m = orjson.loads(manifest_line)
@@ -97,7 +126,7 @@ def read_slice(manifest_line: str | bytes, as_frames: bool = False, limits: dict
         else:
             batches[stream] = list(zip(*(cols[n] for n in names)))
         lines[stream] = lines.get(stream, 0) + len(raw)
-        bad.extend((stream, _quarantined_text(l), r) for l, r in q)
+        bad.extend((stream, _quarantined_text(l, limits.get("quarantine_key")), r) for l, r in q)
     return Slice(seq=int(m["seq"]), batches=batches, lines=lines, quarantined=bad)
 
 
