@@ -44,16 +44,39 @@ def _join(*parts) -> str:
     return "/".join(str(p).rstrip("/") for p in parts)
 
 
+def _snapshot_key() -> bytes | None:
+    """The HMAC key of model snapshots (``STREAMLIFT_SNAPSHOT_KEY``), or None: digests only."""
+    import os
+
+    key = os.environ.get("STREAMLIFT_SNAPSHOT_KEY")
+    return key.encode() if key else None
+
+
+def _hmac(blob: bytes, key: bytes) -> str:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, blob, hashlib.sha256).hexdigest()
+
+
 def write_snapshot(store_url: str, snap) -> str:
     """Write one ``udfs.learners.Snapshot``; returns its folder URL. Rewriting a version (a
-    replay after a restart) writes the same bytes; ``LATEST`` only moves forward."""
+    replay after a restart) writes the same bytes; ``LATEST`` only moves forward. The manifest
+    carries the SHA-256 of ``model.pkl`` (and its HMAC under ``STREAMLIFT_SNAPSHOT_KEY`` when set);
+    :func:`load_model` checks them before unpickling."""
+    import hashlib
+
     fs, root = fsspec.core.url_to_fs(store_url)
     folder = _join(root, snap.model_id, f"v{snap.version:06d}")
     fs.makedirs(folder, exist_ok=True)
     with fs.open(_join(folder, "model.pkl"), "wb") as f:
         f.write(snap.bundle)
+    manifest = {**snap.manifest(), "model_sha256": hashlib.sha256(snap.bundle).hexdigest()}
+    key = _snapshot_key()
+    if key:
+        manifest["model_hmac_sha256"] = _hmac(snap.bundle, key)
     with fs.open(_join(folder, "manifest.json"), "w") as f:     # written last: marks the snapshot complete
-        f.write(json.dumps(snap.manifest(), indent=2))
+        f.write(json.dumps(manifest, indent=2))
     latest = _join(root, snap.model_id, "LATEST")
     current = int(fs.cat_file(latest)) if fs.exists(latest) else 0
     if snap.version > current:
@@ -99,10 +122,23 @@ class ServingModel:
 
 
 def load_model(store_url: str, model_id: str, version: int) -> ServingModel:
+    """Load one snapshot, after checking ``model.pkl`` against the manifest's SHA-256 (and its
+    HMAC when ``STREAMLIFT_SNAPSHOT_KEY`` is set): unpickling runs code, so a file that is not the
+    one the learner wrote is refused (ValueError) before it is unpickled."""
+    import hashlib
+    import hmac
+
     fs, root = fsspec.core.url_to_fs(store_url)
     folder = _join(root, model_id, f"v{version:06d}")
     manifest = json.loads(fs.cat_file(_join(folder, "manifest.json")))
-    bundle = pickle.loads(fs.cat_file(_join(folder, "model.pkl")))
+    blob = fs.cat_file(_join(folder, "model.pkl"))
+    digest = manifest.get("model_sha256")
+    if digest is None or hashlib.sha256(blob).hexdigest() != digest:
+        raise ValueError(f"{folder}/model.pkl does not match its manifest's SHA-256: refusing to load it")
+    key = _snapshot_key()
+    if key and not hmac.compare_digest(manifest.get("model_hmac_sha256", ""), _hmac(blob, key)):
+        raise ValueError(f"{folder}/model.pkl has no valid HMAC under STREAMLIFT_SNAPSHOT_KEY: refusing to load it")
+    bundle = pickle.loads(blob)
     return ServingModel(bundle, manifest)
 
 

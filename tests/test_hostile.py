@@ -111,3 +111,27 @@ def test_without_consent_no_user_id_goes_downstream_and_rejected_ids_are_hashed(
     enriched = [o.enriched for o in outs if o.enriched is not None][0]
     assert enriched.user_id.tolist() == [""] and "u_00000000000000aa" not in enriched.to_json()
     assert len(eng.feature_values("user")) == 0
+
+
+def test_a_snapshot_that_is_not_the_one_written_is_refused_before_unpickling(tmp_path, monkeypatch):
+    import pickle
+
+    from jobs.serving import load_model, write_snapshot
+    from udfs.learners import Snapshot
+
+    store = f"file://{tmp_path}/models"
+    snap = Snapshot(model_id="m", version=1, clock=0, seq=0, feature_schema_version="x", window_start=None,
+                    window_end=None, examples=0, corrections=0, metrics={}, drift=0.0, safe=True,
+                    bundle=pickle.dumps({"weights": [1.0, 2.0]}))
+    write_snapshot(store, snap)
+    assert load_model(store, "m", 1).bundle == {"weights": [1.0, 2.0]}
+    path = tmp_path / "models" / "m" / "v000001" / "model.pkl"
+    path.write_bytes(pickle.dumps({"weights": [6.0, 6.0]}))                  # swapped behind its back
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_model(store, "m", 1)
+    monkeypatch.setenv("STREAMLIFT_SNAPSHOT_KEY", "secret")
+    write_snapshot(store, snap)
+    assert load_model(store, "m", 1).bundle == {"weights": [1.0, 2.0]}
+    monkeypatch.setenv("STREAMLIFT_SNAPSHOT_KEY", "another")
+    with pytest.raises(ValueError, match="HMAC"):
+        load_model(store, "m", 1)
