@@ -75,7 +75,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     from udfs.accumulate import AccPart, AccumulatorStage
     from udfs.attribution import AttributionStage
     from udfs.features import FeatureEngine
-    from udfs.spec import FeatureSpec
+    from udfs.spec import FeatureSpec, parse_duration
 
     p = parallelism(cfg, env)
     env.set_parallelism(p)      # PyFlink's key_by adds a Python map at the default parallelism
@@ -98,14 +98,35 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     class ReadValidate(FlatMapFunction):
         def flat_map(self, value):
-            for shard, blob in read_validate(value, p, {**cfg.limits,
-                                                        "quarantine_key": str(cfg.privacy["quarantine_key"])}):
+            from jobs.sinks import record_source_fault
+
+            try:
+                parts = read_validate(value, p, {**cfg.limits, "quarantine_key": str(cfg.privacy["quarantine_key"])})
+            except (ValueError, KeyError, TypeError) as e:    # a manifest line that cannot be read: data
+                record_source_fault(cfg, f"source:bad_manifest:{type(e).__name__}", str(value))
+                return
+            for shard, blob in parts:
                 yield keys[shard], blob
 
+    gap_after = parse_duration(cfg.limits.get("gap_alert_after", "5m")) / 1000.0
+    gap_seen = {}                                  # first missing seq -> when the gap was first seen
+
     def attribution_take(stage, blob, timing):
+        from jobs.sinks import record_alert, record_source_fault
+
         part = pickle.loads(blob)
+        if part.seq < stage.next_seq or part.seq in stage.waiting:
+            if stage.shard == 0:                   # counted once: shard 0 carries the slice's counts
+                record_source_fault(cfg, "source:repeated_seq", json.dumps({"seq": part.seq}))
+            return []
         t0 = time.thread_time()
         outs = stage.offer(part.seq, 0, part)
+        if stage.waiting and stage.shard == 0:     # slices waiting for a missing one: alert after a while
+            now = time.time()
+            first = gap_seen.setdefault(stage.next_seq, now)
+            if now - first >= gap_after:
+                record_alert(cfg, "seq-gap", {"seq": stage.next_seq, "waiting": sorted(stage.waiting),
+                                              "seconds": round(now - first, 1)})
         timing[f"attribution_s:{stage.shard}"] = round(time.thread_time() - t0, 3)
         timing.update(getattr(part, "timing", {}) or {})
         return outs

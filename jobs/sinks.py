@@ -23,7 +23,8 @@ from jobs.config import Config
 from jobs.feast_store import write_offline, write_online
 from udfs.validation import reason_kind
 
-__all__ = ["atomic_write", "atomic_parquet", "write_slice_files", "write_online_frames", "summarize", "read_enriched", "read_quarantine"]
+__all__ = ["atomic_write", "atomic_parquet", "write_slice_files", "write_online_frames", "summarize", "read_enriched",
+           "read_quarantine", "record_source_fault", "record_alert"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -99,6 +100,27 @@ def write_slice_files(cfg: Config, o) -> dict:
     return stats
 
 
+def record_source_fault(cfg: Config, reason: str, record: str) -> None:
+    """A source fault that belongs to no slice (a manifest line that cannot be read, a repeated
+    ``seq``): ``<data>/source-faults/<digest>.json``, counted as one input record, quarantined.
+    Named by content, so a replay rewrites the same file."""
+    import hashlib
+
+    body = {"stream": "manifest", "reason": reason, "reason_kind": reason_kind(reason), "record": record[:2048]}
+    name = hashlib.sha256(f"{reason}|{record}".encode()).hexdigest()[:24]
+    atomic_write(cfg.data_dir / "source-faults" / f"{name}.json", orjson.dumps(body))
+
+
+def record_alert(cfg: Config, kind: str, detail: dict) -> None:
+    """An operator alert (e.g. a gap in slice numbers): ``<data>/alerts/<kind>-<key>.json`` and a
+    warning in the worker's log."""
+    import logging
+
+    key = detail.get("seq", "")
+    atomic_write(cfg.data_dir / "alerts" / f"{kind}-{key}.json", json.dumps({"kind": kind, **detail}).encode())
+    logging.getLogger("streamlift").warning("ALERT %s %s", kind, detail)
+
+
 def summarize(cfg: Config) -> dict:
     """Totals over the run's per-slice stats: counts must reconcile."""
     files = sorted((cfg.data_dir / "stats").glob("slice-*.json"))
@@ -114,13 +136,18 @@ def summarize(cfg: Config) -> dict:
         offline.update(s["offline_rows"])
         if s["seq"] > last_seq:
             last_seq, pending = s["seq"], s["pending"]
+    for f in (cfg.data_dir / "source-faults").glob("*.json"):      # faults of no slice
+        fault = json.loads(f.read_text())
+        events_in["manifest"] += 1
+        quarantined[fault["reason_kind"]] += 1
     n_in = sum(events_in.values())
     n_proc, n_q = sum(processed.values()), sum(quarantined.values())
     return {"slices": len(files), "events_in": n_in, "events_in_by_stream": dict(events_in),
             "processed": n_proc, "processed_by_stream": dict(processed),
             "quarantined": n_q, "quarantined_by_reason": dict(quarantined), "pending": pending,
             "reconciles": n_in == n_proc + n_q + pending,
-            "feature_rows_online": dict(online), "feature_rows_offline": dict(offline)}
+            "feature_rows_online": dict(online), "feature_rows_offline": dict(offline),
+            "alerts": sorted(p.name for p in (cfg.data_dir / "alerts").glob("*.json"))}
 
 
 def read_enriched(cfg: Config):

@@ -289,3 +289,25 @@ def test_slices_out_of_sequence_wait_and_survive_a_restore(small_sim):
     _, _ = run_engine(slices[3:], engine=eng)
     for kt in KEY_TYPES:
         assert eng.feature_values(kt).equals(in_order.feature_values(kt))
+
+
+def test_a_shard_with_only_outcome_rows_for_a_key_type(small_sim):
+    """A slice in which one attribution shard releases clicks but no decision: its rows for the
+    accumulators carry no entity columns, the other shard's do; the merge of the two works and
+    equals one shard."""
+    from udfs.ingest import Slice
+    from udfs.keys import id_hash, shard_of
+
+    slices = read_slices(small_sim)
+
+    def shard0_decisions(recs):        # decisions of attribution shard 0 only (of 2)
+        return [r for r, s in zip(recs, shard_of(id_hash([r[0] for r in recs]), 2)) if s == 0]
+
+    late = [Slice(seq=s.seq, batches=({k: (shard0_decisions(v) if k == "decision" else v)
+                                       for k, v in s.batches.items()} if s.seq >= 3 else s.batches),
+                  lines={}, quarantined=[]) for s in slices]
+    _, one = run_engine(late)
+    _, two = run_engine(late, shards=2)
+    a, b = _outputs_table(one), _outputs_table(two)
+    for name in ("enriched", "attributed"):
+        assert a[name].equals(b[name]), name

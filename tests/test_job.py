@@ -151,3 +151,22 @@ def test_offline_store_point_in_time_join(job_run, small_sim):
     for u in users:
         assert got.at[u, "clicks_1d"] == pytest.approx(ref["user"][u]["clicks_1d"], rel=1e-9, abs=1e-12)
         assert got.at[u, "impressions_7d"] == pytest.approx(ref["user"][u]["impressions_7d"], rel=1e-9)
+
+
+def test_source_faults_are_counted_not_crashes(tmp_path):
+    """A manifest with a malformed line, a repeated seq and a slice naming a missing file: the
+    job finishes, each fault is quarantined with its reason, and the counts still reconcile."""
+    from jobs.features import run
+    from jobs.simulate import simulate
+
+    sim = tmp_path / "sim"
+    simulate(sim, events=6_000, users=500, campaigns=2, days=0.5, slice_lines=2_000, seed=3)
+    lines = [json.loads(l) for f in sorted((sim / "manifest").glob("*.jsonl")) for l in f.read_text().splitlines() if l]
+    broken = dict(lines[-1], seq=len(lines), files={**lines[-1]["files"], "click": "click/nope.jsonl"})
+    (sim / "manifest" / "slices-faults.jsonl").write_text(
+        "{not json\n" + json.dumps(lines[0]) + "\n" + json.dumps(broken) + "\n")
+    cfg = cfg_for(tmp_path / "run")
+    s = run(cfg, sim)
+    q = s["quarantined_by_reason"]
+    assert q.get("source") == 3, q           # bad manifest line, repeated seq 0, missing file
+    assert s["reconciles"] and s["pending"] == 0

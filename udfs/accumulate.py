@@ -193,7 +193,12 @@ class AccumulatorStage(SliceStage):
             parts = [p for p in parts if p is not None and len(p["t"])]
             if not parts:
                 continue
-            cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if len(parts) > 1 else parts[0]
+            if len(parts) > 1:    # a part holding only outcome rows carries no entity columns
+                names = list(dict.fromkeys(c for p in parts for c in p))
+                cols = {c: np.concatenate([p[c] if c in p else np.full(len(p["t"]), None, object) for p in parts])
+                        for c in names}
+            else:
+                cols = parts[0]
             self.rows_in += len(cols["t"])
             order = order_by(cols["t"], cols["rank"], cols["id"])
             self._accumulate(kt, {c: v[order] for c, v in cols.items()}, out)
