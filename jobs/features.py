@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a file by `flink run -py jobs/features.p
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.config import Config, load_for_cli  # noqa: E402
-from jobs.flink_env import END_OF_INPUT_TIMER, shard_keys, stage_function  # noqa: E402
+from jobs.flink_env import shard_keys, stage_function  # noqa: E402
 
 __all__ = ["build", "run", "read_validate"]
 
@@ -82,6 +82,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     spec = FeatureSpec.from_config(cfg)
     params = {**cfg.engine_params(), "shards": p}
     template = FeatureEngine(**params, spec=spec)            # the stages' constructor arguments
+
     def keyed_type():        # a fresh one per use: an OutputTag pickles its type, not a Java object
         return Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()])
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from schemas import CONTRACTS  # noqa: F401  (the project's path is set up by conftest)
-
 FEATURE_DIRS = ("enriched", "attributed", "offline/user_features_v1", "offline/user_campaign_features_v1",
                 "offline/campaign_creative_features_v1")
 

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from outputs import all_keys, assert_same_feature_outputs, online_values
-from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
 

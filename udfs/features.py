@@ -28,7 +28,6 @@ releases everything at end of input.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +37,7 @@ from schemas import CONTRACTS
 from udfs.accumulate import FOLDED_COLUMN, KEY_COLUMN, AccPart, AccumulatorStage
 from udfs.attribution import AttributionStage, ReaderPart
 from udfs.keys import id_hash, order_by, shard_of
-from udfs.spec import KINDS, KIND_RANK, METRICS, FeatureSpec, parse_duration
+from udfs.spec import KIND_RANK, METRICS, FeatureSpec, parse_duration
 
 __all__ = ["FeatureEngine", "SliceOutput", "split_slice", "merge_slice", "to_frames",
            "KEY_TYPES", "METRICS", "KIND_RANK", "parse_duration", "feature_names", "ENTITY_COLUMNS", "KEY_SEP"]
