@@ -2,7 +2,7 @@
 
     python -m jobs.analyst compare                  # conversion rate by campaign: now vs finalized vs naive
     python -m jobs.analyst compare --data-dir data/demo/run
-    python -m jobs.analyst delay                    # the latest delay model per campaign
+    python -m jobs.analyst delay                    # the latest delay model per campaign and arm
     python -m jobs.analyst sql "SELECT label_status, count(*) FROM outcomes GROUP BY 1"
 
 ``compare`` puts side by side, per campaign: the conversion rate *estimated now*
@@ -70,7 +70,11 @@ def latest_delay_models(cfg: Config) -> pd.DataFrame:
     dm = read_table(cfg, "delay_model")
     if dm.empty:
         return dm
-    return dm[dm.version == dm.version.max()].sort_values("campaign_id").reset_index(drop=True)
+    cols = [c for c in ["version", "campaign_id", "arm", "family", "conversion_prob", "delay_rate_per_hour",
+                        "mean_delay_hours", "weibull_shape", "decisions", "conversions", "matured_decisions",
+                        "fitted_at", "model_key", "epoch"] if c in dm.columns]
+    latest = dm[dm.version == dm.version.max()]
+    return latest.sort_values(["campaign_id", "arm"], na_position="first")[cols].reset_index(drop=True)
 
 
 def accuracy(cfg: Config, sim_dir) -> dict:
@@ -88,10 +92,13 @@ def accuracy(cfg: Config, sim_dir) -> dict:
     out = read_table(cfg, "outcome")
     truth = pd.read_parquet(os.path.join(sim_dir, "truth", "decisions.parquet")).set_index("decision_id")
     camps = pd.read_parquet(os.path.join(sim_dir, "truth", "campaigns.parquet")).set_index("campaign_id")
-    dm = latest_delay_models(cfg).set_index("campaign_id")
+    dm = latest_delay_models(cfg)
+    # one row per campaign and arm; the arms share the campaign's delay distribution
+    per_camp = dm.groupby("campaign_id").agg(rate=("delay_rate_per_hour", "first"),
+                                             conversions=("conversions", "sum"))
     delay = pd.DataFrame({"true_rate_per_hour": camps.delay_rate_per_ms * HOUR_MS,
-                          "estimated_rate_per_hour": dm.delay_rate_per_hour,
-                          "conversions": dm.conversions}).dropna()
+                          "estimated_rate_per_hour": per_camp.rate,
+                          "conversions": per_camp.conversions}).dropna()
     delay["relative_error"] = delay.estimated_rate_per_hour / delay.true_rate_per_hour - 1
 
     def rates(rows):

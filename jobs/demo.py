@@ -158,7 +158,18 @@ def learner_report(cfg, sim_dir) -> dict:
           f"vs final rate {v['rate']:.4f}")
     print(f"uplift       Qini T-learner {u['qini_t']:.5f} ({u['ratio_t']:.0%} of ranking by the true uplift "
           f"{u['qini_true_uplift']:.5f}), DR {u['qini_dr']:.5f} ({u['ratio_dr']:.0%}); ranking by each "
-          f"creative's mean true uplift: {u['ratio_creative_mean_true_uplift']:.0%}")
+          f"creative's mean true uplift: {u['ratio_creative_mean_true_uplift']:.0%}, by each observable "
+          f"cell's: {u.get('ratio_cell_mean_true_uplift', float('nan')):.0%}")
+    print(f"             mean predicted uplift T {u['mean_t']:+.4f}, DR {u['mean_dr']:+.4f} vs true "
+          f"{u['mean_true']:+.4f} (latent world: the holdout is per user and most of the uplift is a "
+          f"per-user persuadability no feature observes)")
+    last = _last_snapshot_stats(cfg)
+    if last is not None:
+        _print_ate(last["metrics"].get("ate") or {}, pd.read_parquet(sim_dir / "truth" / "decisions.parquet"),
+                   last["clock"], f"snapshot v{last['version']}")
+        for w in last["metrics"].get("warnings") or []:
+            print(f"warning (v{last['version']}): {w}")
+    uplift_worlds_report(args_of(sim_dir))
     from udfs.delay import HOUR_MS
 
     dec = pd.read_parquet(sim_dir / "truth" / "decisions.parquet")
@@ -171,6 +182,66 @@ def learner_report(cfg, sim_dir) -> dict:
         print(pd.concat([req[["user_id", "campaign_id", "creative_id"]].reset_index(drop=True), scores], axis=1)
               .to_string(index=False))
     return {"job": s, "quality": q, "served_version": model.version}
+
+
+def _last_snapshot_stats(cfg) -> dict | None:
+    from jobs.learner import stats_dir
+
+    files = sorted(stats_dir(cfg).glob("snapshot-*.json"))
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def _print_ate(ate: dict, truth, end_ms, label: str) -> None:
+    import pandas as pd
+
+    from jobs.evaluate import ate_table
+
+    if not ate:
+        print(f"\n-- average treatment effect per campaign ({label}): no decision with a final label yet --")
+        return
+    t = ate_table(ate, truth, end_ms)
+    print(f"\n-- average treatment effect per campaign ({label}; self-normalized AIPW on the decisions whose "
+          f"7-day window closed, 95 % interval; 'true': the simulator's mean uplift of the same decisions) --")
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
+        print(t.to_string())
+    print(f"intervals covering the truth: {int(t.covered.sum())} of {len(t)}")
+
+
+def args_of(sim_dir) -> dict:
+    """The demo's simulator settings (from the latent world's summary)."""
+    cfg = json.loads((Path(sim_dir) / "truth" / "summary.json").read_text())["config"]
+    return {k: cfg[k] for k in ("events", "seed", "days", "campaigns")} | {"dir": Path(sim_dir).parent / "sim-observable"}
+
+
+def uplift_worlds_report(sim_args: dict) -> dict:
+    """The observable-uplift world (holdout per decision, uplift a function of observable context
+    cells) with the demo's settings, through the learner in process (no features job: the
+    decayed features count as missing), delayed labels and oracle."""
+    import pandas as pd
+
+    from jobs.evaluate import learn_all, truth_handoff, uplift_quality
+    from jobs.simulate import simulate
+    from udfs.learners import OnlineLearner
+
+    d = sim_args.pop("dir")
+    simulate(d, world="observable", **sim_args)
+    print(f"\n== uplift on the observable world (same settings, world=observable; learner in process "
+          f"on the simulator's decisions and outcomes, no decayed features) ==")
+    out = {}
+    for labels in ("delayed", "oracle"):
+        slices, truth = truth_handoff(d, oracle_labels=labels == "oracle")
+        lrn = OnlineLearner(snapshot_every="1d", refit_every="1d", labels=labels)
+        from types import SimpleNamespace
+        scores = learn_all(lrn, (SimpleNamespace(seq=k, decisions=dd, outcomes=o, clock=c, final=f)
+                                 for k, dd, o, c, f in slices))
+        q = uplift_quality(scores, truth)
+        out[labels] = {**q, "ate": lrn.ate()}
+        print(f"{labels:8s} Qini T {q['ratio_t']:.0%}, DR {q['ratio_dr']:.0%} of ranking by the true uplift "
+              f"(by each cell's mean true uplift: {q['ratio_cell_mean_true_uplift']:.0%}); mean predicted "
+              f"T {q['mean_t']:+.4f}, DR {q['mean_dr']:+.4f} vs true {q['mean_true']:+.4f}")
+        if labels == "delayed":
+            _print_ate(lrn.ate(), truth, slices[-1][3], "observable world, delayed labels")
+    return out
 
 
 if __name__ == "__main__":

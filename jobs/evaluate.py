@@ -87,6 +87,45 @@ def vw_scores(cfg, input_dir=None) -> tuple[pd.DataFrame, dict]:
                                                "seconds": round(seconds, 2), "args": vw.args}
 
 
+def uplift_means(sc: pd.DataFrame) -> dict:
+    """Mean predicted uplift (T, DR; NaN scores left out) against the mean true uplift, and the
+    share of decisions with an uplift score."""
+    ok = sc.uplift.notna()
+    return {"mean_t": float(sc.uplift[ok].mean()), "mean_dr": float(sc.uplift_dr[ok].mean()),
+            "mean_true": float(sc.true_uplift[ok].mean()), "scored_share": float(ok.mean())}
+
+
+def uplift_quality(scores: pd.DataFrame, truth: pd.DataFrame, warmup: str = "1d") -> dict:
+    """Uplift figures of first-sight ``scores`` against the truth after ``warmup``: Qini of the
+    T and DR learners and of ranking by each observable cell's (campaign, creative, placement,
+    device) mean true uplift, as shares of ranking by the true uplift; mean predictions."""
+    sc = scores.merge(truth[["decision_id", "event_time", "campaign_id", "creative_id", "placement", "device",
+                             "true_uplift"]], on="decision_id")
+    sc = sc[sc.event_time >= sc.event_time.min() + parse_duration(warmup)]
+    best = qini_coefficient(sc.true_uplift, true_uplift=sc.true_uplift)
+    cm = sc.groupby(["campaign_id", "creative_id", "placement", "device"]).true_uplift.transform("mean")
+    ok = sc.uplift.notna()
+    return {"decisions": int(len(sc)), "qini_true_uplift": best,
+            "ratio_t": qini_coefficient(sc.uplift.fillna(0), true_uplift=sc.true_uplift) / best,
+            "ratio_dr": qini_coefficient(sc.uplift_dr.fillna(0), true_uplift=sc.true_uplift) / best,
+            "ratio_cell_mean_true_uplift": qini_coefficient(cm, true_uplift=sc.true_uplift) / best,
+            **uplift_means(sc)} if ok.any() else {"decisions": int(len(sc)), "scored_share": 0.0}
+
+
+def ate_table(ate: dict, truth: pd.DataFrame | None = None, end_ms: int | None = None) -> pd.DataFrame:
+    """A learner's per-campaign ATE (``OnlineLearner.ate()`` or a snapshot's ``metrics["ate"]``)
+    as a table; with the truth, the mean true uplift of the decisions whose window closed by
+    ``end_ms`` (those the ATE is computed on) and whether the interval covers it."""
+    t = pd.DataFrame(ate).T[["n", "n_treated", "n_control", "ate", "lo", "hi"]]
+    t = t.astype({"n": int, "n_treated": int, "n_control": int})
+    t.index.name = "campaign_id"
+    if truth is not None:
+        done = truth if end_ms is None else truth[truth.event_time + parse_duration("7d") <= end_ms]
+        t["true"] = done.groupby("campaign_id").true_uplift.mean()
+        t["covered"] = (t.lo <= t.true) & (t.true <= t.hi)
+    return t
+
+
 def ctr_quality(scores: pd.DataFrame, truth: pd.DataFrame, t0: int) -> dict:
     """Prequential CTR quality of first-sight ``scores`` (decision_id, ctr) on the treatment arm
     after event time ``t0``."""
@@ -123,8 +162,15 @@ def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True, vw: bool = Tr
                      "qini_true_uplift": best,
                      "qini_creative_mean_true_uplift": qini_coefficient(creative_mean, true_uplift=sc.true_uplift),
                      "qini_observed_t": qini_coefficient(sc.uplift, sc.true_conversion, sc.arm == "treatment")}
-    for k in ("qini_t", "qini_dr", "qini_creative_mean_true_uplift"):
-        res["uplift"][k.replace("qini", "ratio")] = res["uplift"][k] / best
+    res["uplift"].update(uplift_means(sc))
+    if "placement" in truth:
+        cell = sc[["decision_id"]].merge(truth[["decision_id", "campaign_id", "placement", "device"]], on="decision_id")
+        sc = sc.assign(_cell=cell.groupby(["campaign_id", "placement", "device"]).ngroup().to_numpy())
+        cm = sc.groupby(["_cell", "creative_id"]).true_uplift.transform("mean")
+        res["uplift"]["qini_cell_mean_true_uplift"] = qini_coefficient(cm, true_uplift=sc.true_uplift)
+    for k in ("qini_t", "qini_dr", "qini_creative_mean_true_uplift", "qini_cell_mean_true_uplift"):
+        if k in res["uplift"]:
+            res["uplift"][k.replace("qini", "ratio")] = res["uplift"][k] / best
     if oracle:
         o = oracle_scores(cfg, truth).merge(truth[cols], on="decision_id")
         o = o[o.event_time >= t0]
@@ -140,3 +186,37 @@ def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True, vw: bool = Tr
         v, timing = vw_scores(cfg)
         res["vw"] = {**ctr_quality(v, truth, t0), **timing}
     return res
+
+
+def truth_handoff(sim_dir, slice_every: str = "6h", oracle_labels: bool = False) -> tuple[list, pd.DataFrame]:
+    """A hand-off without the features job (no JVM): the simulator's decisions (context, arm,
+    propensity; no decayed features: they count as missing) and their clicks and conversions,
+    cut into slices of ``slice_every`` of event time as ``(seq, decisions, outcomes, clock,
+    final)`` for :meth:`udfs.learners.OnlineLearner.offer`, and the truth. Conversions after the
+    end of the stream are never delivered (as in the simulator's own files). With
+    ``oracle_labels`` the decisions carry ``true_click`` and ``true_conversion`` (7-day window)."""
+    import numpy as np
+
+    t = pd.read_parquet(Path(sim_dir) / "truth" / "decisions.parquet")
+    step = parse_duration(slice_every)
+    W = parse_duration("7d")
+    t["true_click"] = t["clicked"]
+    t["true_conversion"] = t["converted"] & (t["conversion_time"] - t["event_time"] <= W)
+    cols = ["decision_id", "event_time", "placement", "device", "region", "hour", "campaign_id",
+            "creative_id", "arm", "propensity"] + (["true_click", "true_conversion"] if oracle_labels else [])
+    dec = t[cols]
+    clk = t[t.clicked][["decision_id", "click_time"]].rename(columns={"click_time": "event_time"}).assign(kind="click")
+    cnv = t[t.conversion_delivered][["decision_id", "conversion_time"]].rename(
+        columns={"conversion_time": "event_time"}).assign(kind="conversion")
+    out = pd.concat([clk, cnv], ignore_index=True)
+    start = int(t.event_time.min()) // step * step
+    end = int(t.event_time.max()) + 1
+    slices = []
+    bounds = list(range(start, end + step, step))
+    dk = np.searchsorted(np.asarray(bounds), dec.event_time.to_numpy(), side="right") - 1
+    ok = np.searchsorted(np.asarray(bounds), out.event_time.to_numpy(), side="right") - 1
+    n = len(bounds) - 1
+    for k in range(n):
+        slices.append((k, dec[dk == k].reset_index(drop=True), out[ok == k].reset_index(drop=True),
+                       bounds[k + 1], k == n - 1))
+    return slices, t

@@ -23,6 +23,20 @@ uplift (some users none or negative); conversion delays exponential per
 campaign. The stream ends at ``start + days``: conversions later than that are
 never delivered (they are censored, as in a real log read at that moment).
 
+Two worlds (``world=``, CLI ``--world``):
+
+- ``latent`` (default): the holdout is drawn per user (a hash of the user id) and the
+  uplift is mostly a latent per-user persuadability times a creative's persuasion: no
+  observed feature carries most of it;
+- ``observable``: the holdout is drawn per decision, and the uplift (on the logit
+  scale of the conversion probability) is a function of observable context cells:
+  campaign, creative, placement, device and the crosses placement×creative and
+  device×campaign, some cells negative, some exactly zero (one campaign in four has no
+  effect at all). The control arm's conversion probability depends on the user, the
+  campaign, the placement and the device, never on the unshown creative.
+
+In both, ``truth/decisions.parquet`` records the true uplift of every decision.
+
     python -m jobs.simulate --events 200000 --out data/sim --seed 7
 """
 
@@ -47,6 +61,7 @@ PLACEMENTS = np.array(["feed", "story", "search", "sidebar"])
 DEVICES = np.array(["ios", "android", "web"])
 REGIONS = np.array(["na", "eu", "apac", "latam"])
 DAY = 86_400_000
+WORLDS = ("latent", "observable")
 
 
 def _sigmoid(x):
@@ -69,7 +84,7 @@ class SimConfig(dict):
         candidates=5, epsilon=0.2, holdout_pct=10,
         jitter_mean="20s", out_of_orderness="5m",
         late_rate=0.002, duplicate_rate=0.01, malformed_rate=0.005,
-        slice_lines=25_000, manifest_every=0, seed=7,
+        slice_lines=25_000, manifest_every=0, seed=7, world="latent",
     )
 
     def __init__(self, **kw):
@@ -79,9 +94,38 @@ class SimConfig(dict):
         super().__init__({**self.DEFAULTS, **kw})
 
 
+def _observable_world(cfg, n_dec, chosen, cre_camp, camp_base, user_base, placement, device):
+    """The observable-uplift world: (arm, treated, P(conversion | control), P(conversion | treatment)).
+    Drawn from a generator of its own (seeded by the seed), so the shared draws are the latent
+    world's."""
+    g = np.random.default_rng([int(cfg["seed"]), 1])
+    C = len(camp_base)
+    n_cre = len(cre_camp)
+    camp = cre_camp[chosen]
+    p_i = pd.Index(PLACEMENTS).get_indexer(placement)
+    d_i = pd.Index(DEVICES).get_indexer(device)
+    # baseline (control) logit: user, campaign, placement, device; not the unshown creative
+    base = camp_base[camp] + user_base + np.array([0.1, 0.0, 0.3, -0.2])[p_i] + np.array([0.0, 0.1, -0.1])[d_i]
+    # uplift logit by observable cell: main effects and two crosses, sparse, some negative
+    camp_eff = g.normal(0.25, 0.3, C)
+    cre_eff = g.normal(0.0, 0.3, n_cre) * (g.random(n_cre) < 0.7)
+    place_eff = np.array([0.35, 0.0, 0.2, -0.45])
+    dev_eff = np.array([0.15, 0.0, -0.3])
+    pc = g.normal(0.0, 0.35, (len(PLACEMENTS), n_cre)) * (g.random((len(PLACEMENTS), n_cre)) < 0.4)
+    dc = g.normal(0.0, 0.3, (len(DEVICES), C)) * (g.random((len(DEVICES), C)) < 0.5)
+    zero = np.zeros(C, bool)
+    zero[::4] = True                                   # one campaign in four: no effect anywhere
+    tau = camp_eff[camp] + cre_eff[chosen] + place_eff[p_i] + dev_eff[d_i] + pc[p_i, chosen] + dc[d_i, camp]
+    tau = np.where(zero[camp], 0.0, tau)
+    holdout = g.random(n_dec) < cfg["holdout_pct"] / 100.0   # per decision
+    return (np.where(holdout, "control", "treatment"), ~holdout, _sigmoid(base), _sigmoid(base + tau))
+
+
 def simulate(out: str | os.PathLike, **kw) -> dict:
     """Generate traffic into ``out``; returns the summary (also written to truth/summary.json)."""
     cfg = SimConfig(**kw)
+    if cfg["world"] not in WORLDS:
+        raise ValueError(f"world must be one of {WORLDS}, not {cfg['world']!r}")
     rng = np.random.default_rng(cfg["seed"])
     out = Path(out)
     for sub in ("decision", "click", "conversion", "manifest", "truth"):
@@ -139,9 +183,13 @@ def simulate(out: str | os.PathLike, **kw) -> dict:
     treated = ~holdout[u]
 
     p_click = _sigmoid(-3.0 + true_logit[np.arange(n_dec), pick] + ctx)
-    p_conv0 = _sigmoid(camp_base[cre_camp[chosen]] + user_base[u])
-    p_conv1 = _sigmoid(camp_base[cre_camp[chosen]] + user_base[u]
-                       + user_sens[u] * cre_persuasion[chosen])
+    if cfg["world"] == "latent":
+        p_conv0 = _sigmoid(camp_base[cre_camp[chosen]] + user_base[u])
+        p_conv1 = _sigmoid(camp_base[cre_camp[chosen]] + user_base[u]
+                           + user_sens[u] * cre_persuasion[chosen])
+    else:
+        arm, treated, p_conv0, p_conv1 = _observable_world(cfg, n_dec, chosen, cre_camp, camp_base,
+                                                           user_base[u], placement, device)
     uplift = p_conv1 - p_conv0
 
     clicked = treated & (rng.random(n_dec) < p_click)
@@ -259,10 +307,11 @@ def simulate(out: str | os.PathLike, **kw) -> dict:
     truth = pd.DataFrame({
         "decision_id": dec_ids, "event_time": t_dec, "user_id": user_col,
         "campaign_id": camp_ids[cre_camp[chosen]], "creative_id": cre_ids[chosen], "arm": arm,
+        "placement": placement, "device": device, "region": region, "hour": hour,
         "propensity": propensity, "p_click": np.where(treated, p_click, 0.0),
         "p_conv_treatment": p_conv1, "p_conv_control": p_conv0, "true_uplift": uplift,
         "clicked": clicked, "converted": converted, "conversion_delivered": conv_delivered,
-        "conversion_time": np.where(converted, t_conv, -1),
+        "conversion_time": np.where(converted, t_conv, -1), "click_time": np.where(clicked, t_click, -1),
         "delay_rate_per_ms": rate, "decision_late": late_dec,
     })
     truth.to_parquet(out / "truth" / "decisions.parquet", index=False)

@@ -20,17 +20,25 @@ The models (all :class:`river.linear_model` GLMs, updated by river's mini-batch 
   against: trained at the same moment on the label observed then (not yet
   converted = negative), never corrected;
 - uplift, T-learner: ``mu1`` on treatment, ``mu0`` on control, same delayed
-  labels, each example weighted by ``1/π`` (the logged propensity of the
-  creative, clipped, normalized per mini-batch); τ(x) = μ1(x) − μ0(x). μ0
-  does not see the creative's fields and history: a holdout decision logs the
-  creative the policy chose but does not show it;
+  labels, unweighted (the arm is drawn independently of the creative the policy
+  chose, so the creative's logged propensity has no bearing on it); τ(x) = μ1(x) − μ0(x).
+  μ0 does not see the creative's fields and history: a holdout decision logs the
+  creative the policy chose but does not show it. Like every logistic model, μ0 and
+  μ1 start from the base rate of the first rows they learn (not from σ(0) = 0.5);
 - uplift, doubly robust: pseudo-outcome
-  ``φ = μ1 − μ0 + T·(y − μ1)/e − (1 − T)·(y − μ0)/(1 − e)`` (e = share of the
-  treatment arm, counted online), i.e. ``v_a = μ(x, a) + w·(y − μ(x, a))`` with
-  ``w = 1/P(a)``, regressed by a linear model ``tau_dr`` on the effect
-  modifiers only (``effect_modifiers``: by default campaign and creative; the μ
-  models, its nuisance, see every feature), trained again like ``conversion``
-  when y becomes final, with the same μ and e (φ is linear in y).
+  ``φ = μ1 − μ0 + T·(y − μ1)/e(x) − (1 − T)·(y − μ0)/(1 − e(x))`` with
+  ``e(x) = P(treatment arm | campaign)`` counted online (shrunk to the global share),
+  the weights clipped at ``ipw_clip`` (share clipped reported), φ from the μ before
+  they learn the row; ``tau_dr`` is the ridge regression of φ on the effect
+  modifiers only (``effect_modifiers``: any context field and crosses, by default
+  the whole context and the encoder's crosses; the μ models, its nuisance, see
+  every feature), solved exactly from sufficient statistics, which follow every
+  held row's label as it matures (φ is linear in y);
+- uplift scores are NaN while either arm's outcome model is untrained (no
+  holdout: not identified), with a warning in each snapshot; both uplifts lie in
+  [−μ0, 1 − μ0];
+- per-campaign average treatment effect (:meth:`OnlineLearner.ate`) on the
+  decisions with final labels, with a 95 % interval, in each snapshot's metrics.
 
 :class:`OnlineLearner` is the training loop that ``jobs/learner.py`` runs in a
 Flink operator, one hand-off slice at a time (test-then-train: every decision
@@ -60,8 +68,17 @@ __all__ = ["FeatureEncoder", "SoftLog", "VectorAdaGrad", "Ring", "BatchLogisticR
 
 CLIP_Z = 6.0
 MODEL_NAMES = ("ctr", "conversion", "conversion_naive", "mu1", "mu0", "tau_dr")
-EFFECT_MODIFIERS = ("campaign_id", "creative_id")   # default fields of the uplift regression τ_dr
-MASKED_MODELS = ("mu0", "tau_dr")   # models that see part of the features (ModelBundle._masked)
+UPLIFT_MODELS = ("mu1", "mu0", "tau_dr")   # on the numeric block and the uplift fields (ModelBundle)
+CONTEXT = ("placement", "device", "region", "hour", "campaign_id", "creative_id")
+# default fields of the uplift regression τ_dr: the whole context and the encoder's crosses
+EFFECT_MODIFIERS = CONTEXT + ("placement*creative_id", "device*campaign_id", "region*campaign_id")
+UPLIFT_BUCKETS = 4096
+ATE_SUMS = ("n", "phi", "phi2", "d", "d2", "n1", "r1", "r1sq", "n0", "r0", "r0sq")
+# τ_dr: ridge penalty (pseudo-rows) on each effect-modifier coefficient, about Var(φ) / Var(τ) (the
+# random-effects choice): φ's variance is ~0.5 at a 4 % rate and a 10 % holdout (1/(1 − e) ≈ 10),
+# the cells' uplifts vary by a few hundredths
+DR_RIDGE = 1000.0
+ARM_PRIOR = 20.0            # pseudo-decisions pulling a campaign's treatment share to the global one
 
 
 def _sigmoid(x):
@@ -107,8 +124,32 @@ class FeatureEncoder:
         self.numeric_names = names
         self.field_names = ["*".join(f) if isinstance(f, tuple) else f for f in self.FIELDS]
         self.context_columns = sorted({g for f in self.FIELDS for g in (f if isinstance(f, tuple) else (f,))})
+        self.uplift_fields: tuple = ()               # set by ModelBundle.set_uplift_fields
+        self.uplift_buckets = UPLIFT_BUCKETS
         self._layout()
         self._cache = {}
+
+    @staticmethod
+    def parse_fields(fields) -> tuple:
+        """Field specs (a context column, or a cross as ``"a*b"`` or a tuple) -> tuple of names
+        ``"a*b"``; ValueError naming the unknown ones (every part must be a context column)."""
+        out = []
+        for f in fields:
+            parts = tuple(f) if isinstance(f, (tuple, list)) else tuple(str(f).split("*"))
+            out.append("*".join(parts))
+        unknown = sorted({n for n in out if not set(n.split("*")) <= set(CONTEXT)})
+        if unknown:
+            raise ValueError(f"effect modifiers {unknown} are not context fields or crosses of them "
+                             f"(context: {list(CONTEXT)})")
+        return tuple(dict.fromkeys(out))
+
+    def set_uplift_fields(self, fields, buckets: int = UPLIFT_BUCKETS) -> None:
+        """Also hash ``fields`` (context columns and crosses) into a one-hot space of their own,
+        ``buckets`` wide, for the uplift models: :meth:`encode` appends them as extra columns of
+        ``cat`` (the main models read the first ``len(FIELDS)`` only). A model setting, not part of
+        the feature schema version."""
+        self.uplift_fields = self.parse_fields(fields)
+        self.uplift_buckets = int(buckets)
 
     def _layout(self) -> None:
         """Per key type, where its raw columns are, and its impressions, clicks and conversions
@@ -133,16 +174,6 @@ class FeatureEncoder:
                                 if "creative_id" not in (f if isinstance(f, tuple) else (f,))])
         return keep_num, keep_fields
 
-    def modifier_mask(self, fields) -> tuple[np.ndarray, np.ndarray]:
-        """(numeric columns to keep: none, categorical fields to keep: ``fields``) for the uplift
-        regression: τ(x) on the chosen effect modifiers only (EconML's X, the nuisance models
-        seeing everything, its W). On a stream whose uplift varies mostly with what no feature
-        observes, a τ over every feature ranks by noise."""
-        unknown = set(fields) - set(self.field_names)
-        if unknown:
-            raise ValueError(f"effect modifiers {sorted(unknown)} are not among the fields {self.field_names}")
-        keep_fields = np.array([j for j, name in enumerate(self.field_names) if name in set(fields)], dtype=np.int64)
-        return np.zeros(self.n_numeric, bool), keep_fields
 
     @property
     def n_numeric(self) -> int:
@@ -158,14 +189,15 @@ class FeatureEncoder:
         spec = repr((self.numeric_names, self.field_names, self.buckets)).encode()
         return f"decision-v{CONTRACTS['decision'].version}-{hashlib.sha256(spec).hexdigest()[:8]}"
 
-    def _bucket(self, field: str, values: np.ndarray) -> np.ndarray:
+    def _bucket(self, field: str, values: np.ndarray, buckets: int | None = None) -> np.ndarray:
+        buckets = self.buckets if buckets is None else buckets
         codes, uniques = pd.factorize(values)
-        cache = self._cache.setdefault(field, {})
+        cache = self._cache.setdefault((field, buckets), {})
         b = np.empty(len(uniques), np.int32)
         for i, u in enumerate(uniques):
             h = cache.get(u)
             if h is None:
-                h = cache[u] = xxhash.xxh64_intdigest(f"{field}={u}".encode()) % self.buckets
+                h = cache[u] = xxhash.xxh64_intdigest(f"{field}={u}".encode()) % buckets
             b[i] = h
         return b[codes]
 
@@ -182,16 +214,22 @@ class FeatureEncoder:
         """``df``: a DataFrame (or pyarrow Table) with the decision context and, where known, the
         enriched feature columns (absent columns count as missing)."""
         df = self._frame(df)
-        cat = np.empty((len(df), len(self.FIELDS)), np.int32)
+        nf = len(self.FIELDS)
+        up = getattr(self, "uplift_fields", ())
+        cat = np.empty((len(df), nf + len(up)), np.int32)
         for j, (name, values) in enumerate(self.field_values(df)):
             cat[:, j] = self._bucket(name, values)
+        for j, (name, values) in enumerate(self.field_values(df, up)):
+            cat[:, nf + j] = self._bucket(name, values, self.uplift_buckets)
         return self.numeric(df), cat
 
-    def field_values(self, df: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
-        """(field name, value of each row as text) per categorical field; a cross joins its
-        fields' values with "|"."""
+    def field_values(self, df: pd.DataFrame, fields=None) -> list[tuple[str, np.ndarray]]:
+        """(field name, value of each row as text) per categorical field (default: ``FIELDS``;
+        else names such as ``"placement*creative_id"``); a cross joins its fields' values with "|"."""
         out = []
-        for f, name in zip(self.FIELDS, self.field_names):
+        pairs = zip(self.FIELDS, self.field_names) if fields is None else \
+            ((tuple(n.split("*")), n) for n in fields)
+        for f, name in pairs:
             parts = f if isinstance(f, tuple) else (f,)
             values = df[parts[0]].astype(str).to_numpy(dtype=object)
             for g in parts[1:]:
@@ -223,6 +261,7 @@ class FeatureEncoder:
         """One row per decision: the numeric block (as given: standardize it first) and the
         one-hot hashed buckets."""
         n = len(num)
+        cat = cat[:, :len(self.FIELDS)]
         x = np.zeros((n, self.n_features))
         x[:, :self.n_numeric] = num
         rows = np.repeat(np.arange(n), cat.shape[1])
@@ -231,7 +270,7 @@ class FeatureEncoder:
 
     def raw_score(self, weights: np.ndarray, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
         """``dense(num, cat) @ weights`` without building the dense matrix."""
-        return num @ weights[:self.n_numeric] + weights[self.n_numeric:][cat].sum(axis=1)
+        return num @ weights[:self.n_numeric] + weights[self.n_numeric:][cat[:, :len(self.FIELDS)]].sum(axis=1)
 
     def __getstate__(self):
         return {k: v for k, v in {**self.__dict__, "_cache": {}}.items() if k != "_blocks"}
@@ -280,6 +319,26 @@ class _ArrayBatch:
             g += self.l2 * self._weights
         return g, lg.mean()
 
+    def learn_sparse(self, z: np.ndarray, idx: np.ndarray, n: int, y: np.ndarray, w=1.0) -> None:
+        """The same step on rows given as a dense block ``z`` (the first columns) and one-hot
+        columns ``idx`` (absolute column numbers, one row of indices per row), ``n`` columns in all:
+        the one-hot part of the gradient is a bincount, no dense matrix is built."""
+        if not isinstance(self._weights, np.ndarray):
+            self._weights = np.zeros(n)
+        self._fit((z, idx), y, w, get_grad=self._eval_gradient_sparse)
+
+    def _eval_gradient_sparse(self, X, y, w):
+        z, idx = X
+        wt = self._weights
+        s = z @ wt[:z.shape[1]] + wt[idx].sum(axis=1) + self.intercept
+        lg = self.loss.gradient(y_true=y, y_pred=s) * w
+        lg = np.clip(lg, -self.clip_gradient, self.clip_gradient)
+        g = np.bincount(idx.ravel(), weights=np.repeat(lg, idx.shape[1]), minlength=len(wt)) / len(lg)
+        g[:z.shape[1]] += lg @ z / len(lg)
+        if self.l2:
+            g += self.l2 * wt
+        return g, lg.mean()
+
     def weight_array(self, n: int) -> np.ndarray:
         return self._weights.copy() if isinstance(self._weights, np.ndarray) else np.zeros(n)
 
@@ -307,8 +366,11 @@ class BatchLinearRegression(_ArrayBatch, linear_model.LinearRegression):
 class OnlineGLM:
     """A river GLM over the dense encoded features, fed in mini-batches of ``batch_size`` rows:
     AdaGrad steps with learning rate ``lr`` for the weights, plain SGD steps
-    (``intercept_lr``) for the intercept, which then settles on the base rate within a few dozen
-    mini-batches."""
+    (``intercept_lr``) for the intercept. A logistic model's intercept starts at the logit of the
+    (smoothed, weighted) label rate of the first rows it is given, not at 0 (σ(0) = 0.5: on a
+    stream whose rate is 4 % a model trained on few rows, such as the holdout arm's, would
+    otherwise stay far above it for many mini-batches). ``learn`` takes dense rows ``x``, or
+    ``(z, idx)``: a dense block and one-hot column numbers (:meth:`_ArrayBatch.learn_sparse`)."""
 
     def __init__(self, kind: str, n_features: int, lr: float, l2: float, batch_size: int,
                  intercept_lr: float):
@@ -320,6 +382,8 @@ class OnlineGLM:
         self.kind = kind
         self.n_features = int(n_features)
         self.batch_size = int(batch_size)
+        self.started = False
+        self.rows = 0                                # rows learned so far
 
     def weights(self) -> np.ndarray:
         return self.model.weight_array(self.n_features)
@@ -328,9 +392,24 @@ class OnlineGLM:
     def intercept(self) -> float:
         return float(self.model.intercept)
 
-    def learn(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> None:
+    def learn(self, x, y: np.ndarray, w: np.ndarray | None = None) -> None:
         b = self.batch_size
         y = np.asarray(y, float)
+        if not len(y):
+            return
+        if not getattr(self, "started", True):
+            self.started = True
+            if self.kind == "logistic":
+                ww = np.ones(len(y)) if w is None else np.asarray(w, float)
+                rate = (float(ww @ y) + 0.5) / (float(ww.sum()) + 1.0)
+                self.model.intercept = float(np.log(rate / (1.0 - rate)))
+        self.rows = getattr(self, "rows", 0) + len(y)
+        if isinstance(x, tuple):
+            z, idx = x
+            for i in range(0, len(y), b):
+                self.model.learn_sparse(z[i:i + b], idx[i:i + b], self.n_features, y[i:i + b],
+                                        1.0 if w is None else w[i:i + b])
+            return
         for i in range(0, len(x), b):
             self.model.learn_array(x[i:i + b], y[i:i + b], 1.0 if w is None else w[i:i + b])
 
@@ -414,19 +493,36 @@ class OnlinePlatt:
 # ----------------------------------------------------------------------------- the bundle
 class ModelBundle:
     """Everything needed to score a decision: the encoder, the six models, the calibrator and
-    the treatment share. Pickled into each snapshot; serving scores with :meth:`score`."""
+    the treatment share. Pickled into each snapshot; serving scores with :meth:`score`.
+
+    The uplift models (μ1, μ0, τ_dr) read the numeric block and a one-hot space of their own
+    (``uplift_buckets`` wide, so the crosses of the effect modifiers rarely collide) over the
+    uplift fields: the encoder's fields and the effect modifiers. μ1 sees all of them, μ0 all
+    but the creative's (fields and history: a holdout decision is not shown its creative), τ_dr
+    the effect modifiers only (EconML's X; the μ models, its nuisance, see everything)."""
 
     def __init__(self, encoder: FeatureEncoder, lr=0.05, l2=0.0, batch_size=512,
                  calibration_window=50_000, intercept_lr=0.2, dr_intercept_lr=0.01,
-                 effect_modifiers=EFFECT_MODIFIERS):
+                 effect_modifiers=EFFECT_MODIFIERS, uplift_buckets=UPLIFT_BUCKETS):
         self.encoder = encoder
+        self.effect_modifiers = encoder.parse_fields(effect_modifiers)
+        encoder.set_uplift_fields(tuple(encoder.field_names) + self.effect_modifiers, uplift_buckets)
         nf = encoder.n_features
+        nu = encoder.n_numeric + encoder.uplift_buckets
         self.models = {
-            name: OnlineGLM("linear", nf, lr, l2, batch_size, dr_intercept_lr) if name == "tau_dr"
-            else OnlineGLM("logistic", nf, lr, l2, batch_size, intercept_lr) for name in MODEL_NAMES}
+            name: OnlineGLM("linear", nu, lr, l2, batch_size, dr_intercept_lr) if name == "tau_dr"
+            else OnlineGLM("logistic", nu if name in UPLIFT_MODELS else nf, lr, l2, batch_size, intercept_lr)
+            for name in MODEL_NAMES}
         self.calibrator = OnlinePlatt(calibration_window)
         self.scaler = FeatureSummary(encoder.n_numeric)   # running mean/std of the numeric block
-        self._masks = {"mu0": encoder.unshown_mask(), "tau_dr": encoder.modifier_mask(effect_modifiers)}
+        up = encoder.uplift_fields
+        keep_num, _ = encoder.unshown_mask()
+        every = np.arange(len(up))
+        self._masks = {
+            "mu1": (np.ones(encoder.n_numeric, bool), every),
+            "mu0": (keep_num, np.array([j for j, f in enumerate(up) if "creative_id" not in f.split("*")], np.int64)),
+            "tau_dr": (np.zeros(encoder.n_numeric, bool),
+                       np.array([j for j, f in enumerate(up) if f in self.effect_modifiers], np.int64))}
         self.n_treated = 0
         self.n_control = 0
 
@@ -434,6 +530,12 @@ class ModelBundle:
     def treatment_share(self) -> float:
         """e = P(treatment arm), counted with a +1/+1 prior."""
         return (self.n_treated + 1.0) / (self.n_treated + self.n_control + 2.0)
+
+    @property
+    def uplift_identified(self) -> bool:
+        """Both arms' outcome models have been trained: without holdout (or treated) outcomes
+        the uplift is not identified and is served as NaN."""
+        return self.models["mu1"].rows > 0 and self.models["mu0"].rows > 0
 
     def standardize(self, num: np.ndarray) -> np.ndarray:
         """Numeric block in running standard units (spread floored at 0.05, clipped to ±CLIP_Z:
@@ -444,30 +546,15 @@ class ModelBundle:
         z *= 1.0 / np.maximum(self.scaler.std, 0.05)
         return np.clip(z, -CLIP_Z, CLIP_Z, out=z)
 
-    def _masked(self, name: str, z: np.ndarray, cat: np.ndarray):
-        """Model ``name``'s view of the standardized rows: μ0 (the holdout arm's outcome) without
-        the creative's fields and history (``FeatureEncoder.unshown_mask``); τ_dr on the effect
-        modifiers only (``FeatureEncoder.modifier_mask``)."""
-        if name not in MASKED_MODELS:
-            return z, cat
+    def rows(self, name: str, z: np.ndarray, cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Uplift model ``name``'s rows as ``(dense numeric block, one-hot column numbers)`` from
+        standardized numeric rows ``z`` and the encoder's ``cat`` (with its uplift columns)."""
         keep_num, keep_fields = self._masks[name]
-        return z * keep_num, cat[:, keep_fields]
-
-    def view(self, name: str, x: np.ndarray, cat: np.ndarray) -> np.ndarray:
-        """Model ``name``'s rows (:meth:`_masked`, as it scores) from the full design rows ``x``:
-        the masked numeric columns zeroed, the left-out fields' one-hots taken off."""
-        keep_num, keep_fields = self._masks[name]
-        n_num = self.encoder.n_numeric
-        out = x.copy()
-        out[:, :n_num] *= keep_num
-        drop = np.setdiff1d(np.arange(cat.shape[1]), keep_fields)
-        if len(drop):
-            rows = np.repeat(np.arange(len(x)), len(drop))
-            np.subtract.at(out, (rows, n_num + cat[:, drop].ravel()), 1.0)
-        return out
+        nf = len(self.encoder.FIELDS)
+        return z * keep_num, self.encoder.n_numeric + cat[:, nf + keep_fields]
 
     def design(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
-        """The dense rows the models train on (model ``name`` sees ``view(name, ...)`` of them)."""
+        """The dense rows the main models (ctr, conversion) train on."""
         return self.encoder.dense(self.standardize(num), cat)
 
     def digest(self) -> str:
@@ -484,7 +571,11 @@ class ModelBundle:
     def raw_score(self, name: str, num, cat, z=None) -> np.ndarray:
         """Model ``name``'s logit (or value, for ``tau_dr``) of encoded rows."""
         m = self.models[name]
-        z, cat = self._masked(name, self.standardize(num) if z is None else z, cat)
+        z = self.standardize(num) if z is None else z
+        if name in UPLIFT_MODELS:
+            zz, idx = self.rows(name, z, cat)
+            w = m.weights()
+            return zz @ w[:zz.shape[1]] + w[idx].sum(axis=1) + m.intercept
         return self.encoder.raw_score(m.weights(), z, cat) + m.intercept
 
     def raw_scores(self, num, cat) -> dict:
@@ -492,13 +583,20 @@ class ModelBundle:
         return {name: self.raw_score(name, num, cat, z) for name in self.models}
 
     def predict(self, num, cat) -> pd.DataFrame:
+        """Scores of encoded rows. The uplift is NaN while it is not identified
+        (:attr:`uplift_identified`); both uplifts lie in the feasible range [−μ0, 1 − μ0]
+        (the T-learner's by construction, the DR regression's clipped to it)."""
         raw = self.raw_scores(num, cat)
         mu1, mu0 = _sigmoid(raw["mu1"]), _sigmoid(raw["mu0"])
+        if self.uplift_identified:
+            up, up_dr = mu1 - mu0, np.clip(raw["tau_dr"], -mu0, 1.0 - mu0)
+        else:
+            up = up_dr = np.full(len(mu0), np.nan)
         return pd.DataFrame({
             "ctr": self.calibrator.predict(raw["ctr"]), "ctr_raw": _sigmoid(raw["ctr"]),
             "ctr_logit": raw["ctr"],
             "conversion": _sigmoid(raw["conversion"]), "conversion_naive": _sigmoid(raw["conversion_naive"]),
-            "mu1": mu1, "mu0": mu0, "uplift": mu1 - mu0, "uplift_dr": raw["tau_dr"]})
+            "mu1": mu1, "mu0": mu0, "uplift": up, "uplift_dr": up_dr})
 
     def score(self, features) -> pd.DataFrame:
         """Score decisions given their context and features (a DataFrame, a pyarrow Table, or
@@ -526,6 +624,7 @@ class Snapshot:
     drift: float
     safe: bool
     bundle: bytes = field(repr=False, default=b"")
+    warnings: list = field(default_factory=list)   # what the snapshot cannot be trusted for
 
     def manifest(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "bundle"}
@@ -556,6 +655,7 @@ class _Block:
         self.y_interim = np.zeros(n)
         self.phi_interim = np.zeros(n)
         self.e_used = np.zeros(n)
+        self.mu_used = np.zeros((n, 2))            # (μ1, μ0) in φ at the interim step
         self.done = np.zeros(n, bool)              # final correction applied
 
     def __len__(self):
@@ -577,7 +677,8 @@ class OnlineLearner:
                  buckets=128, lr=0.05, l2=0.0, batch_size=512, intercept_lr=0.2,
                  dr_intercept_lr=0.01, calibration_window=50_000,
                  ipw_clip=20.0, prior_strength=50.0, fit_sample=50_000, drift_threshold=0.5,
-                 model_id="streamlift", labels="delayed", effect_modifiers=None, spec=None):
+                 model_id="streamlift", labels="delayed", effect_modifiers=None, spec=None,
+                 uplift_buckets=UPLIFT_BUCKETS, dr_ridge=DR_RIDGE):
         effect_modifiers = tuple(effect_modifiers or EFFECT_MODIFIERS)
         if labels not in ("delayed", "oracle"):
             raise ValueError(f"labels must be 'delayed' or 'oracle', not {labels!r}")
@@ -594,7 +695,16 @@ class OnlineLearner:
         self.model_id = model_id
         self.labels = labels
         self.bundle = ModelBundle(FeatureEncoder(half_lives, buckets, spec), lr, l2, batch_size,
-                                  calibration_window, intercept_lr, dr_intercept_lr, tuple(effect_modifiers))
+                                  calibration_window, intercept_lr, dr_intercept_lr, tuple(effect_modifiers),
+                                  uplift_buckets)
+        self.arm_counts = np.zeros((0, 2))         # per campaign code: (treated, control) decisions
+        self.ate_sums = np.zeros((0, len(ATE_SUMS)))   # per campaign code: ATE_SUMS on final labels
+        self.clip_counts = np.zeros(2)             # φ rows, of which with a clipped weight (window)
+        self.dr_ridge = float(dr_ridge)
+        self.dr_cols = np.zeros(0, np.int64)       # τ_dr's one-hot columns seen, in order of arrival
+        self.dr_xtx = np.zeros((1, 1))             # sufficient statistics of τ_dr: [1, one-hots]ᵀ[...]
+        self.dr_xty = np.zeros(1)                  # ... and [1, one-hots]ᵀ φ
+        self.dr_dirty = False
         self.blocks: list[_Block] = []
         self.campaigns: dict[str, int] = {}
         self.delay_params = None                   # (p, λ per hour) arrays by campaign code
@@ -715,6 +825,8 @@ class OnlineLearner:
             self.next_refit = (clock // self.refit_every + 1) * self.refit_every
         self._train_first_sight(clock)
         self._finalize(clock)
+        self._dr_refresh(clock)
+        self._dr_solve()
         self.blocks = [b for b in self.blocks if not b.done.all()]
         snaps = []
         if self.since_snapshot >= self.snapshot_examples or clock >= self.next_snapshot:
@@ -757,9 +869,6 @@ class OnlineLearner:
         g = 2 * camp + treated
         return p[g], lam[g]
 
-    def _weights(self, prop: np.ndarray) -> np.ndarray:
-        return np.minimum(1.0 / np.maximum(prop, 1e-9), self.ipw_clip)
-
     def _train_first_sight(self, clock) -> None:
         models = self.bundle.models
         recalibrate = False
@@ -785,6 +894,7 @@ class OnlineLearner:
                 b.trained[idx] = True
                 self.bundle.n_treated += int(tr.sum())
                 self.bundle.n_control += int((~tr).sum())
+                self._count_arms(b.camp[idx], tr)
                 self.live_summary.update(b.num[idx])
                 self.examples += len(idx)
                 self.since_snapshot += len(idx)
@@ -816,6 +926,29 @@ class OnlineLearner:
         soft = interim_label(p, lam, elapsed_h, window=self.window / HOUR_MS)
         return np.where(seen, 1.0, soft), seen.astype(float)
 
+    def _count_arms(self, camp, tr) -> None:
+        n = len(self.campaigns)
+        if len(self.arm_counts) < n:
+            self.arm_counts = np.vstack([self.arm_counts, np.zeros((n - len(self.arm_counts), 2))])
+        np.add.at(self.arm_counts, (camp, (~tr).astype(np.int64)), 1.0)
+
+    def _arm_share(self, camp) -> np.ndarray:
+        """e(x) = P(treatment arm | campaign): the campaign's counted share, shrunk towards the
+        global share by ARM_PRIOR pseudo-decisions (the holdout is drawn by the serving system,
+        per user or per decision, at a rate that may differ by campaign; it does not depend on
+        the creative the policy chose, so the creative's propensity has no place in it)."""
+        n = len(self.campaigns)
+        if len(self.arm_counts) < n:
+            self.arm_counts = np.vstack([self.arm_counts, np.zeros((n - len(self.arm_counts), 2))])
+        g = self.bundle.treatment_share
+        c = self.arm_counts[camp]
+        return (c[:, 0] + ARM_PRIOR * g) / (c.sum(axis=1) + ARM_PRIOR)
+
+    def _arm_weights(self, e, t):
+        """(w, clipped): 1/e for treated rows, 1/(1 − e) for control rows, clipped at ``ipw_clip``."""
+        raw = np.where(t > 0, 1.0 / np.maximum(e, 1e-9), 1.0 / np.maximum(1.0 - e, 1e-9))
+        return np.minimum(raw, self.ipw_clip), raw > self.ipw_clip
+
     def _train_conversion(self, b: _Block, idx, clock, x=None) -> None:
         models = self.bundle.models
         if x is None:
@@ -825,31 +958,146 @@ class OnlineLearner:
         if tr.any():
             models["conversion"].learn(x[tr], y[tr])
             models["conversion_naive"].learn(x[tr], observed[tr])
-        phi, e = self._uplift_update(b.cat[idx], x, y, tr, b.prop[idx])
+        z = self.bundle.standardize(b.num[idx])
+        phi, e, mu = self._uplift_update(b.cat[idx], z, y, tr, b.camp[idx])
+        self._dr_add(b.cat[idx], z, phi)
         b.y_interim[idx], b.phi_interim[idx], b.e_used[idx] = y, phi, e
+        b.mu_used[idx] = mu
         b.conv_trained[idx] = True
         self.totals["conversion_trained"] += len(idx)
+        if self.labels == "oracle":                  # the labels are final: into the ATE at once
+            self._add_ate(b.camp[idx], tr, y, phi, mu)
 
-    def _uplift_update(self, cat, x, y, tr, prop, phi=None):
-        """One T-learner step (μ1 on treated rows of ``x``, μ0 on control rows of ``x0``, μ0's
-        view of them; IPW weights) and one DR step on the pseudo-outcomes ``phi`` (computed here
-        from the current μ unless given); returns φ and the treatment share e used."""
+    def _uplift_update(self, cat, z, y, tr, camp, phi=None):
+        """φ for these rows (unless given), from the current μ, before they learn from them (as
+        in cross-fitting: a row's own label does not enter its nuisance estimate); then one
+        T-learner step (μ1 on the treated rows, μ0 on the control rows, unweighted: the arm's
+        propensity is constant given the campaign and the creative's propensity does not bear on
+        the arm) and one DR step of τ_dr on φ. Returns (φ, e, (μ1, μ0)) (e, μ: None if φ given)."""
         models = self.bundle.models
-        x0 = self.bundle.view("mu0", x, cat)
-        w = self._weights(prop)
-        for name, xm, m in (("mu1", x, tr), ("mu0", x0, ~tr)):
-            if m.any():
-                wm = w[m] / w[m].mean()                # normalized IPW weights
-                models[name].learn(xm[m], y[m], wm)
-        e = None
+        b = self.bundle
+        r1, r0 = b.rows("mu1", z, cat), b.rows("mu0", z, cat)
+        e = mu = None
         if phi is None:
-            e = np.full(len(y), self.bundle.treatment_share)
-            mu1 = _sigmoid(x @ models["mu1"].weights() + models["mu1"].intercept)
-            mu0 = _sigmoid(x0 @ models["mu0"].weights() + models["mu0"].intercept)
+            e = self._arm_share(camp)
             t = tr.astype(float)
-            phi = mu1 - mu0 + t * (y - mu1) / e - (1 - t) * (y - mu0) / (1 - e)
-        models["tau_dr"].learn(self.bundle.view("tau_dr", x, cat), phi)
-        return phi, e
+            w, clipped = self._arm_weights(e, t)
+            m1, m0 = (models[n] for n in ("mu1", "mu0"))
+            mu1 = _sigmoid(r1[0] @ m1.weights()[:r1[0].shape[1]] + m1.weights()[r1[1]].sum(axis=1) + m1.intercept)
+            mu0 = _sigmoid(r0[0] @ m0.weights()[:r0[0].shape[1]] + m0.weights()[r0[1]].sum(axis=1) + m0.intercept)
+            phi = mu1 - mu0 + t * w * (y - mu1) - (1 - t) * w * (y - mu0)
+            self.clip_counts += (len(y), int(clipped.sum()))
+            mu = np.column_stack([mu1, mu0])
+        for name, (rz, ri), m in (("mu1", r1, tr), ("mu0", r0, ~tr)):
+            if m.any():
+                models[name].learn((rz[m], ri[m]), y[m])
+        return phi, e, mu
+
+    def _dr_add(self, cat, z, phi, rows=True) -> None:
+        """Add rows (one-hot effect modifiers, pseudo-outcome φ) to τ_dr's sufficient statistics;
+        ``rows=False``: only a change of the φ of rows already added (a final label replacing an
+        interim one: the least-squares fit is then exactly the fit on the final φ)."""
+        idx = self.bundle.rows("tau_dr", z, cat)[1]
+        new = np.setdiff1d(np.unique(idx), self.dr_cols)
+        if len(new):
+            self.dr_cols = np.concatenate([self.dr_cols, new])
+            k = len(self.dr_cols) + 1
+            xtx, xty = np.zeros((k, k)), np.zeros(k)
+            m = len(self.dr_xty)
+            xtx[:m, :m], xty[:m] = self.dr_xtx, self.dr_xty
+            self.dr_xtx, self.dr_xty = xtx, xty
+        order = np.argsort(self.dr_cols, kind="stable")
+        j = order[np.searchsorted(self.dr_cols, idx, sorter=order)] + 1
+        a = np.column_stack([np.zeros(len(j), np.int64), j])
+        m = len(self.dr_xty)
+        self.dr_xty += np.bincount(a.ravel(), weights=np.repeat(phi, a.shape[1]), minlength=m)
+        if rows:
+            k = a.shape[1]
+            flat = (np.repeat(a, k, axis=1) * m + np.tile(a, (1, k))).ravel()
+            self.dr_xtx += np.bincount(flat, minlength=m * m).reshape(m, m)
+        self.dr_dirty = True
+
+    def _dr_refresh(self, clock) -> None:
+        """Held rows whose interim label moved (a conversion seen since, or the delay model's
+        P(convert later) decayed): their φ in τ_dr's statistics follows it exactly (φ is linear in
+        y), so τ_dr always fits the labels as they stand, not as they stood ``label_wait`` after
+        each decision (a least-squares fit can be corrected; the μ models' SGD steps cannot)."""
+        if self.labels == "oracle" or self.delay_params is None:
+            return
+        for b in self.blocks:
+            idx = np.flatnonzero(b.conv_trained & ~b.done)
+            if not len(idx):
+                continue
+            y, _ = self._labels_now(b, idx, clock)
+            dy = y - b.y_interim[idx]
+            moved = np.abs(dy) > 1e-3
+            if not moved.any():
+                continue
+            idx, dy = idx[moved], dy[moved]
+            t = b.treated[idx].astype(float)
+            w, _ = self._arm_weights(b.e_used[idx], t)
+            dphi = dy * w * (2 * t - 1)
+            self._dr_add(b.cat[idx], self.bundle.standardize(b.num[idx]), dphi, rows=False)
+            b.y_interim[idx] += dy
+            b.phi_interim[idx] += dphi
+
+    def _dr_solve(self) -> None:
+        """τ_dr = the ridge regression of φ on the effect modifiers (intercept not penalized),
+        solved exactly from the sufficient statistics: a regression on pseudo-outcomes this noisy
+        (|φ| up to 1/(1 − e) ≈ 10 for a holdout row) is what stochastic steps average worst."""
+        if not self.dr_dirty or self.dr_xtx[0, 0] < 2:
+            return
+        a = self.dr_xtx + self.dr_ridge * np.diag(np.r_[0.0, np.ones(len(self.dr_cols))])
+        beta = np.linalg.solve(a, self.dr_xty)
+        m = self.bundle.models["tau_dr"]
+        w = np.zeros(m.n_features)
+        w[self.dr_cols] = beta[1:]
+        m.model._weights = w
+        m.model.intercept = float(beta[0])
+        m.rows = int(self.dr_xtx[0, 0])
+        self.dr_dirty = False
+
+    def _add_ate(self, camp, tr, y, phi, mu) -> None:
+        """Per campaign sums for the average treatment effect, on final labels (ATE_SUMS)."""
+        n = len(self.campaigns)
+        if len(self.ate_sums) < n:
+            self.ate_sums = np.vstack([self.ate_sums, np.zeros((n - len(self.ate_sums), len(ATE_SUMS)))])
+        t = tr.astype(float)
+        d = mu[:, 0] - mu[:, 1]
+        r = np.where(tr, y - mu[:, 0], y - mu[:, 1])
+        cols = np.column_stack([np.ones(len(y)), phi, phi * phi, d, d * d,
+                                t, t * r, t * r * r, 1 - t, (1 - t) * r, (1 - t) * r * r])
+        np.add.at(self.ate_sums, camp, cols)
+
+    def ate(self, z: float = 1.96) -> dict:
+        """Average treatment effect per campaign on its decisions with final labels, with a
+        ``z`` (95 %) confidence interval: the augmented IPW estimate with self-normalized
+        weights, mean(μ1 − μ0) + mean_T(y − μ1) − mean_C(y − μ0) (with the arm's share constant
+        within a campaign this is the mean of the DR pseudo-outcomes φ with 1/e and 1/(1 − e)
+        replaced by their empirical counterparts, so no weight needs clipping), and its standard
+        error from the three terms' variances; ``ate_dr``: the plain mean of φ (clipped weights)."""
+        out = {}
+        names = {v: k for k, v in self.campaigns.items()}
+        for c, row in enumerate(self.ate_sums):
+            s = dict(zip(ATE_SUMS, row))
+            n, n1, n0 = s["n"], s["n1"], s["n0"]
+            if n < 2:
+                continue
+            md = s["d"] / n
+            vd = max(s["d2"] / n - md * md, 0.0) / n
+            if n1 < 2 or n0 < 2:
+                est = se = float("nan")
+            else:
+                m1, m0 = s["r1"] / n1, s["r0"] / n0
+                v1 = max(s["r1sq"] / n1 - m1 * m1, 0.0) / n1
+                v0 = max(s["r0sq"] / n0 - m0 * m0, 0.0) / n0
+                est, se = md + m1 - m0, math.sqrt(vd + v1 + v0)
+            mphi = s["phi"] / n
+            out[names.get(c, str(c))] = {
+                "n": int(n), "n_treated": int(n1), "n_control": int(n0), "ate": est, "se": se,
+                "lo": est - z * se, "hi": est + z * se, "ate_dr": mphi,
+                "se_dr": math.sqrt(max(s["phi2"] / n - mphi * mphi, 0.0) / n)}
+        return out
 
     def _finalize(self, clock) -> None:
         """Rows whose conversion window has closed: correct the delayed-feedback models from the
@@ -870,10 +1118,13 @@ class OnlineLearner:
                 yi, tr = b.y_interim[idx], b.treated[idx]
                 if tr.any():
                     models["conversion"].learn(x[tr], y[tr])
-                e = b.e_used[idx]
                 t = tr.astype(float)
-                phi_f = b.phi_interim[idx] + (y - yi) * (t / e - (1 - t) / (1 - e))
-                self._uplift_update(b.cat[idx], x, y, tr, b.prop[idx], phi=phi_f)
+                w, _ = self._arm_weights(b.e_used[idx], t)
+                phi_f = b.phi_interim[idx] + (y - yi) * w * (2 * t - 1)
+                z = self.bundle.standardize(b.num[idx])
+                self._uplift_update(b.cat[idx], z, y, tr, b.camp[idx], phi=phi_f)
+                self._dr_add(b.cat[idx], z, phi_f - b.phi_interim[idx], rows=False)
+                self._add_ate(b.camp[idx], tr, y, phi_f, b.mu_used[idx])
                 self._eval["conversion"].append((b.scores["conversion"][idx][tr],
                                                  b.scores["conversion_naive"][idx][tr], y[tr]))
                 self._eval["uplift"].append((b.scores["uplift"][idx], b.scores["uplift_dr"][idx], y, tr))
@@ -898,15 +1149,41 @@ class OnlineLearner:
             p, pn, y = (np.concatenate(a) for a in zip(*self._eval["conversion"]))
             m["conversion"] = {"n": int(len(y)), "log_loss": log_loss(p, y), "auc": auc(p, y),
                                "ece": ece(p, y), "auc_naive": auc(pn, y), "rate": float(y.mean())}
+        up = {"identified": self.bundle.uplift_identified,
+              "clipped_share": float(self.clip_counts[1] / self.clip_counts[0]) if self.clip_counts[0] else 0.0}
         if self._eval["uplift"]:
             u, ud, y, tr = (np.concatenate(a) for a in zip(*self._eval["uplift"]))
-            m["uplift"] = {"n": int(len(y)), "qini": qini_coefficient(u, y, tr),
-                           "qini_dr": qini_coefficient(ud, y, tr)}
+            ok = np.isfinite(u) & np.isfinite(ud)
+            up.update({"n": int(len(y)), "n_scored": int(ok.sum()),
+                       "qini": qini_coefficient(u[ok], y[ok], tr[ok]) if ok.any() else float("nan"),
+                       "qini_dr": qini_coefficient(ud[ok], y[ok], tr[ok]) if ok.any() else float("nan"),
+                       "mean_uplift": float(u[ok].mean()) if ok.any() else float("nan"),
+                       "mean_uplift_dr": float(ud[ok].mean()) if ok.any() else float("nan")})
+        m["uplift"] = up
+        m["ate"] = self.ate()
         return m
+
+    def warnings(self) -> list[str]:
+        """What the current models cannot be trusted for (in each snapshot's metrics and manifest)."""
+        out = []
+        b = self.bundle
+        if b.models["mu0"].rows == 0:
+            out.append("uplift not identified: no holdout (control-arm) outcomes trained on, "
+                       "uplift scores are missing (NaN)")
+        if b.models["mu1"].rows == 0:
+            out.append("uplift not identified: no treatment-arm outcomes trained on, "
+                       "uplift scores are missing (NaN)")
+        n, k = self.clip_counts
+        if k:
+            out.append(f"inverse arm-propensity weights clipped at {self.ipw_clip:g} for {k / n:.1%} of the "
+                       f"rows in this window (DR pseudo-outcomes; the ATE uses self-normalized weights)")
+        return out
 
     def _snapshot(self, seq) -> Snapshot:
         self.version += 1
         metrics = self.window_metrics()
+        warnings = self.warnings()
+        metrics["warnings"] = warnings
         # reference: the window of the previous snapshot (the model being served while this
         # window's traffic arrived); the first snapshot has none
         d = 0.0 if self.ref_summary is None else drift(self.live_summary, self.ref_summary)
@@ -919,7 +1196,9 @@ class OnlineLearner:
                         window_start=self.t_min, window_end=self.t_max, examples=self.examples,
                         corrections=self.corrections, metrics=_plain(metrics), drift=d,
                         safe=bool(d <= self.drift_threshold),
-                        bundle=pickle.dumps(self.bundle, protocol=pickle.HIGHEST_PROTOCOL))
+                        bundle=pickle.dumps(self.bundle, protocol=pickle.HIGHEST_PROTOCOL),
+                        warnings=warnings)
+        self.clip_counts = np.zeros(2)
         self.live_summary = FeatureSummary(self.bundle.encoder.n_numeric)
         self._eval = self._new_eval()
         self.since_snapshot = 0

@@ -33,11 +33,12 @@ Per slice, in sequence order (out-of-order slices wait for their turn):
 3. when the clock crosses a multiple of ``commit_every`` (or at end of input) an
    :class:`Epoch` is cut in every shard (the clock is the same in all): the delay model
    is refitted (new version) from the summed sufficient statistics of all shards (per
-   campaign: count and delay sum of the converted, a histogram of censoring times of
-   the rest in ``STAT_BIN_MS`` bins, and the retired days' counts), every held row is
-   (re)labelled as of the clock, and the rows of each open decision day are emitted to
-   replace that day's partition. Days whose every decision has passed its conversion
-   window are then final and leave the held set; their counts stay in per-campaign
+   campaign and arm: histograms in ``STAT_BIN_MS`` bins, counts and integer Σ ms per bin,
+   of the converted rows' delays and of the other rows' censoring times, and the
+   retired days' counts and delay histogram; :func:`fit_delay_models`), every held row
+   is (re)labelled as of the clock, and the rows of each open decision day are emitted
+   to replace that day's partition. Days whose every decision has passed its conversion
+   window are then final and leave the held set; their counts stay in per-campaign-and-arm
    sufficient statistics for later fits. An epoch in which no shard holds or changed
    anything is skipped.
 
@@ -47,8 +48,9 @@ is exactly-once (``jobs/iceberg_store.py``).
 
 Labels: ``final`` once ``clock - decision_time >= conversion_window`` (the
 observed outcome); else ``interim``: 1 if a conversion arrived, otherwise
-``P(conversion within W | none after e)`` from the campaign's delay model
-(``udfs.delay.interim_label`` with ``window=W``).
+``P(conversion within W | none after e)`` from the delay model of the row's campaign
+with its arm's ``p`` (:meth:`udfs.delay.DelayModel.interim_label` with ``window=W``;
+exponential or Weibull delays, chosen per campaign).
 
 >>> import pandas as pd
 >>> H = 3_600_000
@@ -74,7 +76,7 @@ import pandas as pd
 import pyarrow as pa
 
 from schemas import table_contract
-from udfs.delay import HOUR_MS, ExponentialCureModel, interim_label
+from udfs.delay import HOUR_MS, logit, shrinkage_precisions, make_model, select_family
 from udfs.keys import id_hash, shard_of
 from udfs.spec import parse_duration
 from udfs.stage import SliceStage
@@ -174,7 +176,7 @@ class EpochPart:
     seq: int
     shard: int
     active: bool               # held rows, or changes since the previous cut
-    stats: dict                # the delay model's sufficient statistics (per campaign)
+    stats: dict                # the delay model's sufficient statistics (per (campaign, arm))
     rows: pa.Table | None      # held rows, every outcomes_v1 column but the label's two
     quarantine: list           # (job, seq, stream, reason, record, id) since the previous cut
     counts: dict
@@ -196,79 +198,153 @@ class LabelledPart:
     files: list = field(default_factory=list)   # data files written by the job (then outcomes is None)
 
 
-_EMPTY_STAT = {"held": 0, "final": 0, "conv_n": 0, "conv_delay_ms": 0,
-               "open_bins": np.zeros(0, np.int64), "open_n": np.zeros(0, np.int64),
-               "open_ms": np.zeros(0, np.int64), "retired": (0, 0, 0)}
+_EMPTY_HIST = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+_EMPTY_STAT = {"held": 0, "final": 0, "conv_n": 0, "conv_delay_ms": 0, "conv_hist": _EMPTY_HIST,
+               "open_hist": _EMPTY_HIST, "retired": (0, 0, 0), "retired_hist": _EMPTY_HIST}
+
+
+def _hist(ms) -> tuple:
+    """Integer histogram of durations (ms) in ``STAT_BIN_MS`` bins: (bins, counts, Σ ms per bin)."""
+    ms = np.asarray(ms, np.int64)
+    ub, inv = np.unique(ms // STAT_BIN_MS, return_inverse=True)
+    tot = np.zeros(len(ub), np.int64)
+    np.add.at(tot, inv, ms)
+    return ub.astype(np.int64), np.bincount(inv, minlength=len(ub)).astype(np.int64), tot
+
+
+def _merge_hist(*hists) -> tuple:
+    """Sum of histograms (integers: the same in any order)."""
+    hists = [h for h in hists if len(h[0])]
+    if not hists:
+        return _EMPTY_HIST
+    if len(hists) == 1:
+        return hists[0]
+    bins = np.concatenate([h[0] for h in hists])
+    ub, inv = np.unique(bins, return_inverse=True)
+    n = np.zeros(len(ub), np.int64)
+    ms = np.zeros(len(ub), np.int64)
+    np.add.at(n, inv, np.concatenate([h[1] for h in hists]))
+    np.add.at(ms, inv, np.concatenate([h[2] for h in hists]))
+    return ub.astype(np.int64), n, ms
 
 
 def merge_stats(parts: list) -> dict:
-    """Sum the shards' statistics (integers only: the same sums in any order)."""
+    """Sum the shards' statistics, keyed by ``(campaign, arm)`` (integers only: the same sums
+    in any order)."""
     out = {}
     for stats in parts:
-        for c, s in stats.items():
-            m = out.setdefault(c, dict(_EMPTY_STAT))
+        for key, s in stats.items():
+            m = out.setdefault(key, dict(_EMPTY_STAT))
             for k in ("held", "final", "conv_n", "conv_delay_ms"):
                 m[k] = m[k] + s[k]
             m["retired"] = tuple(a + b for a, b in zip(m["retired"], s["retired"]))
-            bins = np.concatenate([m["open_bins"], s["open_bins"]])
-            n = np.concatenate([m["open_n"], s["open_n"]])
-            ms = np.concatenate([m["open_ms"], s["open_ms"]])
-            ub, inv = np.unique(bins, return_inverse=True)
-            m["open_bins"] = ub
-            m["open_n"] = np.bincount(inv, weights=n, minlength=len(ub)).astype(np.int64) if len(ub) else n
-            agg = np.zeros(len(ub), np.int64)
-            np.add.at(agg, inv, ms)
-            m["open_ms"] = agg
+            for k in ("conv_hist", "open_hist", "retired_hist"):
+                m[k] = _merge_hist(m[k], s[k])
     return out
 
 
+def _fit_data(stats: dict, keys: list, strata: dict, W_h: float) -> list:
+    """(converted, delay_h, elapsed_h, weight, stratum) rows of the summed statistics of ``keys``:
+    one row per histogram bin (its mean duration), the retired non-converted censored at W."""
+    parts = []
+    for key in keys:
+        s = stats[key]
+        st = strata.get(key, 0)
+        cb, cn, cms = _merge_hist(s["conv_hist"], s["retired_hist"])
+        if len(cn):
+            parts.append((np.ones(len(cn), bool), cms / cn / HOUR_MS, np.full(len(cn), W_h), cn, st))
+        ob, on, oms = s["open_hist"]
+        if len(on):
+            parts.append((np.zeros(len(on), bool), np.zeros(len(on)), oms / on / HOUR_MS, on, st))
+        non = s["retired"][0]
+        if non:
+            parts.append((np.zeros(1, bool), np.zeros(1), np.full(1, W_h), np.array([non]), st))
+    if not parts:
+        return [np.zeros(0, bool), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64)]
+    return [np.concatenate([x[0] for x in parts]), np.concatenate([x[1] for x in parts]),
+            np.concatenate([x[2] for x in parts]), np.concatenate([x[3] for x in parts]).astype(float),
+            np.concatenate([np.full(len(x[0]), x[4], np.int64) for x in parts])]
+
+
+def _init(previous: dict, key, what: str):
+    m = previous.get(key)
+    return getattr(m, "inits_", {}).get(what)
+
+
 def fit_delay_models(stats: dict, previous: dict, prior_strength: float, window_ms: int, version: int,
-                     clock: int) -> tuple[dict, pa.Table]:
-    """Per-campaign (p, λ) from summed statistics, shrunk towards the global fit, warm-started
-    from ``previous``; returns the models and their delay_models_v1 rows."""
+                     clock: int, families=("exponential", "weibull")) -> tuple[dict, pa.Table]:
+    """Delay models from the summed statistics (keys ``(campaign, arm)``); returns
+    ``{campaign or "*": DelayModel}`` and their delay_models_v1 rows.
+
+    * ``"*"``: the global fit (one ``p``), of the family with the lowest AIC;
+    * per campaign: ``p`` per arm (the strata, in sorted order: ``model.arms_``) and one latency
+      distribution (the delay of a conversion is the campaign's, the arm changes whether it
+      happens). The family is chosen by AIC on the campaign's unpooled fits (exponential by
+      default, :func:`udfs.delay.select_family`); the model is then refitted with a Normal prior
+      on ``logit p`` and ``log λ`` centred on the global fit of that family, of precision at most
+      ``prior_strength`` pseudo-observations, less when the campaigns differ by more than their
+      noise (:func:`udfs.delay.between_precision`).
+
+    Every fit is Newton's method to a tolerance, warm-started from ``previous``.
+    """
     W_h = window_ms / HOUR_MS
-
-    def data_for(camps):
-        conv, d, e, w = [], [], [], []
-        for c in camps:
-            s = stats[c]
-            non, rc, rdelay = s["retired"]
-            n_conv, delay_ms = s["conv_n"] + rc, s["conv_delay_ms"] + rdelay
-            if n_conv:
-                conv.append([True]); d.append([delay_ms / n_conv / HOUR_MS]); e.append([W_h]); w.append([n_conv])
-            if len(s["open_n"]):
-                k = len(s["open_n"])
-                conv.append([False] * k); d.append([0.0] * k)
-                e.append((s["open_ms"] / s["open_n"] / HOUR_MS).tolist()); w.append(s["open_n"].tolist())
-            if non:
-                conv.append([False]); d.append([0.0]); e.append([W_h]); w.append([non])
-        if not conv:
-            return [np.zeros(0, bool), np.zeros(0), np.zeros(0), np.zeros(0)]
-        return [np.concatenate([np.asarray(x, t) for x in xs]) for xs, t in
-                ((conv, bool), (d, float), (e, float), (w, float))]
-
-    camps = sorted(stats)
-    g_data = data_for(camps)
-    g = ExponentialCureModel().fit(*g_data[:3], weight=g_data[3], init=previous.get(GLOBAL))
+    keys = sorted(stats)
+    camps = sorted({c for c, _ in keys})
+    g_data = _fit_data(stats, keys, {}, W_h)
+    g_fits = {f: make_model(f).fit(*g_data[:4], init=_init(previous, GLOBAL, ("global", f))) for f in families}
+    g = g_fits[select_family(g_fits)]
+    g.inits_ = {("global", f): m.theta_ for f, m in g_fits.items()}
+    g.arms_ = []
     fits = {GLOBAL: g}
+    alone, data = {}, {}
     for c in camps:
-        if g.n_converted_ == 0:
-            fits[c] = g
-            continue
-        c_data = data_for([c])
-        fits[c] = ExponentialCureModel(prior_p=g.p_, prior_lam=g.lam_, prior_strength=prior_strength) \
-            .fit(*c_data[:3], weight=c_data[3], init=previous.get(c))
+        ck = [k for k in keys if k[0] == c]
+        strata = {k: i for i, k in enumerate(ck)}
+        data[c] = (_fit_data(stats, ck, strata, W_h), [a for _, a in ck])
+        d = data[c][0]
+        alone[c] = {f: make_model(f).fit(*d[:4], strata=d[4], init=_init(previous, c, ("alone", f)))
+                    for f in families}
+    # how much the campaigns really differ, from their unpooled fits (exponential: λ comparable)
+    prec = shrinkage_precisions([a.get("exponential", next(iter(a.values()))) for a in alone.values()],
+                                prior_strength)
+    for c in camps:
+        d, arms = data[c]
+        inits = {("alone", f): m.theta_ for f, m in alone[c].items()}
+        if g.n_converted_ == 0 or not alone[c]:
+            m = g
+        else:
+            fam = select_family(alone[c])
+            gf = g_fits[fam]
+            prior = (logit(gf.p_), float(np.log(gf.lam_)))
+            init = _init(previous, c, ("shrunk", fam))
+            m = make_model(fam, prior=prior, prior_precision=prec).fit(
+                *d[:4], strata=d[4], init=init if init is not None else alone[c][fam].theta_)
+            inits[("shrunk", fam)] = m.theta_
+        if m is not g:
+            m.inits_, m.arms_ = inits, arms
+        fits[c] = m
     rows = []
     for c, f in fits.items():
-        cs = camps if c == GLOBAL else [c]
-        matured = sum(stats[k]["final"] + stats[k]["retired"][0] + stats[k]["retired"][1] for k in cs)
-        rows.append({"model_key": f"{version}|{c}", "version": version, "campaign_id": c,
-                     "fitted_at": clock * 1000, "conversion_prob": f.p_, "delay_rate_per_hour": f.lam_,
-                     "mean_delay_hours": 1.0 / f.lam_ if f.lam_ > 0 else float("inf"),
-                     "decisions": f.n_, "conversions": f.n_converted_, "matured_decisions": matured,
-                     "epoch": clock})
-    models = {c: (f.p_, f.lam_) for c, f in fits.items()}
-    return models, pa.Table.from_pylist(rows, schema=table_contract("delay_model").arrow_schema())
+        shape = float(f.k_) if f.family == "weibull" else None
+        common = {"version": version, "fitted_at": clock * 1000, "delay_rate_per_hour": f.lam_,
+                  "mean_delay_hours": f.mean_delay(), "family": f.family, "weibull_shape": shape, "epoch": clock}
+        if c == GLOBAL or f is g:
+            cs = keys if c == GLOBAL else [k for k in keys if k[0] == c]
+            matured = sum(stats[k]["final"] + stats[k]["retired"][0] + stats[k]["retired"][1] for k in cs)
+            rows.append({"model_key": f"{version}|{c}", "campaign_id": c, "arm": None,
+                         "conversion_prob": f.p_, "decisions": f.n_ if c == GLOBAL else
+                         sum(stats[k]["held"] + stats[k]["retired"][0] + stats[k]["retired"][1] for k in cs),
+                         "conversions": f.n_converted_ if c == GLOBAL else
+                         sum(stats[k]["conv_n"] + stats[k]["retired"][1] for k in cs),
+                         "matured_decisions": matured, **common})
+            continue
+        for s, arm in enumerate(f.arms_):
+            st = stats[(c, arm)]
+            rows.append({"model_key": f"{version}|{c}|{arm}", "campaign_id": c, "arm": arm,
+                         "conversion_prob": float(f.p_by_[s]), "decisions": int(f.n_by_[s]),
+                         "conversions": int(f.n_converted_by_[s]),
+                         "matured_decisions": st["final"] + st["retired"][0] + st["retired"][1], **common})
+    return fits, pa.Table.from_pylist(rows, schema=table_contract("delay_model").arrow_schema())
 
 
 def quarantine_table(entries: list, clock: int) -> pa.Table:
@@ -307,7 +383,8 @@ class OutcomeShard(SliceStage):
         self.orphans: list[tuple] = []               # outcomes whose decision is not held (yet)
         self.quarantine: list[tuple] = []            # (job, seq, stream, reason, record, id) since last cut
         self._qcount: dict[str, int] = {}
-        self.final_stats: dict[str, list] = {}       # campaign -> [non-converted, converted, Σ delay ms]
+        # (campaign, arm) -> (non-converted, converted, Σ delay ms, delay histogram) of retired days
+        self.final_stats: dict[tuple, tuple] = {}
         self.clock: int | None = None
         self.last_epoch: int | None = None
         self.cuts = 0
@@ -320,10 +397,7 @@ class OutcomeShard(SliceStage):
                 "snapshot_every": self.snapshot_every}
 
     def _check_restore(self, stored: dict) -> None:
-        for k in ("shard", "shards", "conversion_window", "click_window", "commit_every"):
-            if stored[k] != getattr(self, k):
-                raise ValueError(f"outcomes state of {k}={stored[k]} restored as {k}={getattr(self, k)}: "
-                                 "start a new run to change it (state is per shard)")
+        self._require_same(stored, ("shard", "shards", "conversion_window", "click_window", "commit_every"))
 
     # ------------------------------------------------------------------ input
     def _take(self, seq: int, payloads: list) -> list:
@@ -466,7 +540,8 @@ class OutcomeShard(SliceStage):
         delay_ms = np.where(converted, mut["first_conversion_time"] - t, 0)
         # relabelling at the clock of the previous cut changes nothing (a flush after a final slice)
         active = bool(self.dirty or (len(t) and clock != self.last_epoch))
-        stats = self._stats(converted, delay_ms, elapsed, final)
+        arm = held.column("arm").to_numpy(zero_copy_only=False)
+        stats = self._stats(converted, delay_ms, elapsed, final, arm)
         rows = self._rows(held, elapsed, final, converted, clock)
         counts = {"rows": len(t), "interim": int((~final).sum()), "final": int(final.sum()),
                   "quarantined": len(self.quarantine)}
@@ -476,7 +551,7 @@ class OutcomeShard(SliceStage):
         day = t // DAY_MS
         closed = (day + 1) * DAY_MS + self._W <= clock
         if closed.any():
-            self._retire(closed, converted, delay_ms)
+            self._retire(closed, converted, delay_ms, arm)
         counts["held_after"] = len(self.t)
         counts["totals"] = {k: dict(v) for k, v in self.totals.items()}
         counts["totals"]["pending"] = len(self.orphans)
@@ -487,22 +562,31 @@ class OutcomeShard(SliceStage):
         self.dirty = False
         return part
 
-    def _stats(self, converted, delay_ms, elapsed, final) -> dict:
+    def _groups(self, arm) -> tuple:
+        """Per held row, the code of its (campaign, arm), and the keys of the codes (sorted)."""
+        arms, arm_code = np.unique(np.asarray(arm, dtype=object).astype(str), return_inverse=True)
+        code = self.camp.astype(np.int64) * len(arms) + arm_code
+        ucode, inv = np.unique(code, return_inverse=True)
+        keys = [(self.campaigns[int(u) // len(arms)], str(arms[int(u) % len(arms)])) for u in ucode]
+        return keys, inv
+
+    def _stats(self, converted, delay_ms, elapsed, final, arm) -> dict:
+        """Per (campaign, arm): counts, a histogram of the converted rows' delays and one of the
+        open rows' censoring times (``STAT_BIN_MS`` bins: counts and Σ ms), the retired days' counts
+        and delay histogram. Integers only."""
         out = {}
-        for k in np.unique(self.camp).tolist():
-            m = self.camp == k
+        keys, inv = self._groups(arm) if len(self.t) else ([], np.zeros(0, np.int64))
+        for i, key in enumerate(keys):
+            m = inv == i
             conv, open_ = converted & m, ~converted & m
-            bins = elapsed[open_] // STAT_BIN_MS
-            ub, inv = np.unique(bins, return_inverse=True)
-            ms = np.zeros(len(ub), np.int64)
-            np.add.at(ms, inv, elapsed[open_])
-            out[self.campaigns[k]] = {
+            out[key] = {
                 "held": int(m.sum()), "final": int((final & m).sum()), "conv_n": int(conv.sum()),
-                "conv_delay_ms": int(delay_ms[conv].sum()), "open_bins": ub.astype(np.int64),
-                "open_n": np.bincount(inv, minlength=len(ub)).astype(np.int64), "open_ms": ms,
-                "retired": (0, 0, 0)}
-        for c, (non, nc, dms) in self.final_stats.items():
-            out.setdefault(c, dict(_EMPTY_STAT))["retired"] = (non, nc, dms)
+                "conv_delay_ms": int(delay_ms[conv].sum()), "conv_hist": _hist(delay_ms[conv]),
+                "open_hist": _hist(elapsed[open_]), "retired": (0, 0, 0), "retired_hist": _EMPTY_HIST}
+        for key in sorted(self.final_stats):
+            non, nc, dms, hist = self.final_stats[key]
+            s = out.setdefault(key, dict(_EMPTY_STAT))
+            s["retired"], s["retired_hist"] = (non, nc, dms), hist
         return out
 
     def _rows(self, held, elapsed, final, converted, clock) -> pa.Table:
@@ -526,15 +610,16 @@ class OutcomeShard(SliceStage):
         })
         return pa.table(data)
 
-    def _retire(self, closed, converted, delay_ms) -> None:
+    def _retire(self, closed, converted, delay_ms, arm) -> None:
         t, camp = self.t, self.camp
-        for k in np.unique(camp[closed]).tolist():
-            m = closed & (camp == k)
-            s = self.final_stats.setdefault(self.campaigns[k], [0, 0, 0])
+        keys, inv = self._groups(arm)
+        for i in np.unique(inv[closed]).tolist():
+            m = closed & (inv == i)
+            old = self.final_stats.get(keys[i], (0, 0, 0, _EMPTY_HIST))
             nc = int(converted[m].sum())
-            s[0] += int(m.sum()) - nc
-            s[1] += nc
-            s[2] += int(delay_ms[m & converted].sum())
+            self.final_stats[keys[i]] = (old[0] + int(m.sum()) - nc, old[1] + nc,
+                                         old[2] + int(delay_ms[m & converted].sum()),
+                                         _merge_hist(old[3], _hist(delay_ms[m & converted])))
         clock = self.clock
         for eid in [e for e, td in self.seen.items() if (td // DAY_MS + 1) * DAY_MS + self._W <= clock]:
             del self.seen[eid]
@@ -588,7 +673,7 @@ class EpochLabeller(SliceStage):
         self.shard, self.shards = int(shard), int(shards)
         self._W = parse_duration(conversion_window)
         self.version = 0
-        self.models: dict[str, tuple] = {}
+        self.models: dict = {}                       # campaign or "*" -> udfs.delay.DelayModel
 
     def _params(self) -> dict:
         return {"conversion_window": self.conversion_window, "prior_strength": self.prior_strength,
@@ -610,19 +695,23 @@ class EpochLabeller(SliceStage):
         self.models, fit = fit_delay_models(merge_stats([p.stats for p in parts]), self.models,
                                             self.prior_strength, self._W, self.version, own.epoch)
         rows = own.rows
-        g = self.models.get(GLOBAL, (0.0, 1.0))
-        camp = rows.column("campaign_id").to_numpy(zero_copy_only=False)
-        if len(camp):
-            ids, inv = np.unique(camp.astype(str), return_inverse=True)
-            p = np.array([self.models.get(c, g)[0] for c in ids])[inv]
-            lam = np.array([self.models.get(c, g)[1] for c in ids])[inv]
-        else:
-            p = lam = np.zeros(0)
         converted = rows.column("converted").to_numpy(zero_copy_only=False).astype(bool)
         final = rows.column("label_status").to_numpy(zero_copy_only=False) == "final"
-        elapsed_h = rows.column("elapsed_ms").to_numpy() / HOUR_MS
-        label = np.where(converted, 1.0, np.where(final, 0.0, interim_label(p, lam, elapsed_h, self._W / HOUR_MS)
-                                                  if len(p) else np.zeros(0)))
+        label = np.where(converted, 1.0, 0.0)
+        open_ = np.flatnonzero(~converted & ~final)
+        if len(open_):
+            elapsed_h = rows.column("elapsed_ms").to_numpy()[open_] / HOUR_MS
+            camp = rows.column("campaign_id").to_numpy(zero_copy_only=False)[open_].astype(str)
+            arm = rows.column("arm").to_numpy(zero_copy_only=False)[open_].astype(str)
+            pairs, inv = np.unique(np.stack([camp, arm], axis=1), axis=0, return_inverse=True)
+            inv = inv.reshape(-1)
+            g = self.models[GLOBAL]
+            for i, (c, a) in enumerate(pairs.tolist()):
+                at = inv == i
+                m = self.models.get(c, g)
+                arms = getattr(m, "arms_", [])
+                m, s = (m, arms.index(a)) if a in arms else (g, 0)     # an arm the fit has not seen: global
+                label[open_[at]] = m.interim_label(elapsed_h[at], self._W / HOUR_MS, stratum=s)
         data = {c: rows.column(c) for c in rows.column_names}
         data["conversion_label"] = pa.array(np.asarray(label, float))
         data["delay_model_version"] = pa.array(np.full(len(label), self.version, np.int64))
