@@ -116,9 +116,26 @@ def accuracy(cfg: Config, sim_dir) -> dict:
             "delay_model_version": int(dm.version.max()) if len(dm) else None}
 
 
+def campaign_effects(cfg: Config) -> pd.DataFrame:
+    """"Did this campaign work?": the per-campaign average treatment effect of the newest learner
+    snapshot (self-normalized AIPW on final labels, 95 % interval), from learner_metrics_v1."""
+    import json
+
+    m = read_table(cfg, "learner_metrics")
+    m = m[m.ate_json.notna()] if "ate_json" in m else m.iloc[0:0]
+    if m.empty:
+        return pd.DataFrame(columns=["campaign_id", "ate", "lo", "hi", "n", "version"])
+    last = m.sort_values("version").iloc[-1]
+    rows = [{"campaign_id": c, **v} for c, v in json.loads(last.ate_json).items()]
+    out = pd.DataFrame(rows).sort_values("campaign_id", ignore_index=True)
+    out["significant"] = (out.lo > 0) | (out.hi < 0)
+    out["version"] = int(last.version)
+    return out[["campaign_id", "ate", "lo", "hi", "significant", "n", "n_treated", "n_control", "version"]]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["compare", "delay", "sql"])
+    p.add_argument("command", choices=["compare", "delay", "ate", "sql"])
     p.add_argument("query", nargs="?", help="SQL for `sql` (views: outcomes, delay_models, quarantine)")
     p.add_argument("--data-dir", help="override paths.data_dir")
     args = p.parse_args(argv)
@@ -129,6 +146,8 @@ def main(argv=None) -> None:
             print(compare(cfg).to_string(index=False))
         elif args.command == "delay":
             print(latest_delay_models(cfg).to_string(index=False))
+        elif args.command == "ate":
+            print(campaign_effects(cfg).to_string(index=False))
         else:
             print(duckdb_connection(cfg).sql(args.query).df().to_string(index=False))
 

@@ -78,9 +78,22 @@ def metrics_row(snap, uri: str):
            "conversion_auc": conv.get("auc"), "conversion_auc_naive": conv.get("auc_naive"),
            "conversion_log_loss": conv.get("log_loss"), "conversion_ece": conv.get("ece"),
            "uplift_qini": up.get("qini"), "uplift_qini_dr": up.get("qini_dr"),
-           "drift": snap.drift, "safe": snap.safe, "model_uri": uri, "epoch": snap.version}
+           "drift": snap.drift, "safe": snap.safe, "model_uri": uri, "epoch": snap.version,
+           "warnings": "; ".join(snap.warnings) if snap.warnings else None,
+           "ate_json": json.dumps(_plain_json(m.get("ate"))) if m.get("ate") else None}
     schema = table_contract("learner_metrics").arrow_schema()
     return pa.Table.from_pylist([row], schema=schema)
+
+
+def _plain_json(x):
+    """JSON-safe (NaN -> None)."""
+    import math
+
+    if isinstance(x, dict):
+        return {str(k): _plain_json(v) for k, v in x.items()}
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
 
 
 def publish_snapshot(cfg: Config, table, snap, timing: dict | None = None) -> dict:

@@ -362,3 +362,18 @@ def test_a_job_that_keeps_failing_stops_with_its_traceback(pipeline, tmp_path):
     errors = sorted((run_dir / "errors").glob("committer-*.txt"))
     assert 2 <= len(errors) <= 6                     # the first attempt and at most 5 restarts
     assert "RuntimeError: injected failure" in errors[0].read_text()
+
+
+def test_per_campaign_effects_are_in_the_metrics_table_and_the_analyst_cli(pipeline, learned):
+    """"Did this campaign work?": each snapshot's per-campaign ATE with its interval is in
+    learner_metrics_v1 and `python -m jobs.analyst ate` reads the newest."""
+    from jobs.analyst import campaign_effects, read_table
+
+    cfg, _, _, _ = pipeline
+    m = read_table(cfg, "learner_metrics")
+    assert m.ate_json.notna().any()
+    eff = campaign_effects(cfg)
+    assert len(eff) >= 2 and eff.version.iloc[0] == m.version.max()
+    ok = eff.ate.notna()
+    assert ok.any() and ((eff.lo[ok] <= eff.ate[ok]) & (eff.ate[ok] <= eff.hi[ok])).all()
+    assert (eff.n == eff.n_treated + eff.n_control).all()
