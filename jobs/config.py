@@ -8,11 +8,28 @@ overrides, frozen after loading.
 Traceback (most recent call last):
 ...
 TypeError: 'mappingproxy' object does not support item assignment
+
+A *profile* (``STREAMLIFT_PROFILE=<name>``) is ``docker/<name>.yaml`` (beside the configuration
+file) merged key by key over
+``streamlift.yaml`` before the environment overrides; its ``${VAR}`` / ``${VAR:-default}``
+values are read from the environment (secrets stay out of the files). Without
+``STREAMLIFT_PROFILE`` nothing changes.
+
+>>> _merge({"a": {"x": 1, "y": 2}, "b": 3}, {"a": {"y": 20}})
+{'a': {'x': 1, 'y': 20}, 'b': 3}
+>>> _expand({"uri": "postgresql://${PGUSER}:${PGPASSWORD}@${PGHOST:-postgres}/db"},
+...         {"PGUSER": "sl", "PGPASSWORD": "pw"}, "docker/at-scale.yaml")
+{'uri': 'postgresql://sl:pw@postgres/db'}
+>>> _expand("${NOT_SET}", {}, "docker/at-scale.yaml")
+Traceback (most recent call last):
+...
+KeyError: 'docker/at-scale.yaml: environment variable NOT_SET is not set'
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +48,50 @@ def _freeze(v):
     if isinstance(v, list):
         return tuple(_freeze(x) for x in v)
     return v
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` key by key (nested mappings merged, anything else replaced)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _expand(v, env, source):
+    """``${VAR}`` and ``${VAR:-default}`` in the strings of ``v`` filled from ``env``."""
+    if isinstance(v, dict):
+        return {k: _expand(x, env, source) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_expand(x, env, source) for x in v]
+    if not isinstance(v, str):
+        return v
+
+    def sub(m):
+        if m.group(1) in env:
+            return env[m.group(1)]
+        if m.group(2) is not None:
+            return m.group(2)
+        raise KeyError(f"{source}: environment variable {m.group(1)} is not set")
+
+    return _VAR.sub(sub, v)
+
+
+def _profile(raw: dict, env, base: Path) -> dict:
+    name = env.get(PREFIX + "PROFILE")
+    if not name:
+        return raw
+    path = base.parent / "docker" / f"{name}.yaml"      # beside the configuration file
+    if not path.exists():
+        raise FileNotFoundError(f"{PREFIX}PROFILE={name}: no profile {path}")
+    over = yaml.safe_load(path.read_text()) or {}
+    unknown = set(over) - set(raw)
+    if unknown:
+        raise KeyError(f"{path}: unknown sections {sorted(unknown)}")
+    return _merge(raw, _expand(over, env, f"docker/{name}.yaml"))
 
 
 @dataclass(frozen=True)
@@ -81,7 +142,7 @@ class Config:
 def load(path: str | os.PathLike | None = None, env: dict | None = None) -> Config:
     env = os.environ if env is None else env
     path = Path(path or env.get("STREAMLIFT_CONFIG", ROOT / "streamlift.yaml"))
-    raw = yaml.safe_load(path.read_text())
+    raw = _profile(yaml.safe_load(path.read_text()), env, path)
     for key, value in env.items():
         if not key.startswith(PREFIX) or "__" not in key:
             continue
