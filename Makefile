@@ -23,7 +23,7 @@ $(STAMP): requirements.lock
 
 venv: $(STAMP) ## create .venv with the pinned dependency set
 
-demo: $(STAMP) ## simulate EVENTS events, run the features job locally, read features back from Feast
+demo: $(STAMP) ## simulate EVENTS events, run the features, outcomes and learner jobs locally, read features, tables, models back
 	$(BIN)/python -m jobs.demo --events $(EVENTS) --data-dir $(DATA)/demo
 
 redis: ## install Debian's redis-server if missing (the Feast-on-Redis tests start their own on a free port)
@@ -42,14 +42,14 @@ bench: $(STAMP) ## features, outcomes, learner jobs vs baselines (naive state, F
 simulate: $(STAMP) ## write simulated traffic to $(DATA)/sim
 	$(BIN)/python -m jobs.simulate --events $(EVENTS) --out $(DATA)/sim
 
-cluster-up: $(STAMP) ## start a standalone Flink cluster (JobManager + TaskManager on localhost)
+cluster-up: $(STAMP) ## start a standalone Flink cluster (JobManager + TaskManager on localhost; more: python -m jobs.cluster up --taskmanagers 2 --slots 1)
 	$(BIN)/python -m jobs.cluster up
 
 cluster-down: $(STAMP) ## stop the standalone Flink cluster
 	$(BIN)/python -m jobs.cluster down
 
-submit: $(STAMP) ## submit JOB (default features) to the cluster with `flink run -py`; INPUT=<sim dir>
-	$(BIN)/python -m jobs.cluster submit --job $(JOB) --input $(or $(INPUT),$(DATA)/sim) --data-dir $(abspath $(DATA))/cluster
+submit: $(STAMP) ## submit JOB (default features) to the cluster with `flink run -py`; INPUT=<sim dir>, P=<parallelism>
+	$(BIN)/python -m jobs.cluster submit --job $(JOB) --input $(or $(INPUT),$(DATA)/sim) --data-dir $(abspath $(DATA))/cluster $(if $(P),-p $(P))
 
 lock: ## re-resolve requirements.in into requirements.lock
 	$(PY) -m venv /tmp/streamlift-lock && /tmp/streamlift-lock/bin/pip install -q -r requirements.in && /tmp/streamlift-lock/bin/pip freeze > requirements.lock
