@@ -681,10 +681,6 @@ def main(argv=None) -> None:
         print(f"sharding: engine CPU at {sh['shards']} shards / 1 shard = {sh['cpu_ratio']}; busiest shard "
               f"{sh['busiest_accumulate_share']:.0%} of the accumulator rows, {sh['busiest_attribution_share']:.0%} "
               f"of the attribution events")
-    if "projection" in results:
-        pr = results["projection"]
-        print("PROJECTION (not measured): events/s by cores, from CPU per event measured at p=2: "
-              + ", ".join(f"{c}: {v:,}" for c, v in pr["events_per_second"].items()))
     for job, by_cores in results.get("projection_all", {}).items():
         print(f"PROJECTION (not measured) {job}: " + ", ".join(f"{c} cores {v:,}/s" for c, v in by_cores.items()))
     if "engine_only_python" in results:
