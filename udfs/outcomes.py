@@ -701,10 +701,10 @@ class EpochLabeller(SliceStage):
         open_ = np.flatnonzero(~converted & ~final)
         if len(open_):
             elapsed_h = rows.column("elapsed_ms").to_numpy()[open_] / HOUR_MS
-            camp = rows.column("campaign_id").to_numpy(zero_copy_only=False)[open_].astype(str)
-            arm = rows.column("arm").to_numpy(zero_copy_only=False)[open_].astype(str)
-            pairs, inv = np.unique(np.stack([camp, arm], axis=1), axis=0, return_inverse=True)
-            inv = inv.reshape(-1)
+            camp = rows.column("campaign_id").to_numpy(zero_copy_only=False)[open_]
+            arm = rows.column("arm").to_numpy(zero_copy_only=False)[open_]
+            # (campaign, arm) groups by hashing (np.unique on strings sorted them: ~20 % of a worker)
+            inv, pairs = pd.factorize(pd.MultiIndex.from_arrays([camp, arm]))
             g = self.models[GLOBAL]
             for i, (c, a) in enumerate(pairs.tolist()):
                 at = inv == i
