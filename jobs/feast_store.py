@@ -31,8 +31,26 @@ def definitions(cfg: Config):
     return mod
 
 
-def view_name(key_type: str) -> str:
-    return f"{key_type}_features_v1"
+def view_name(key_type: str, spec=None) -> str:
+    """The Feast view of a key type: ``spec.view_name`` (default: the spec of the loaded
+    configuration, ``features.spec_version``)."""
+    if spec is None:
+        spec = _config_spec()
+    return spec.view_name(key_type)
+
+
+_SPEC = {}
+
+
+def _config_spec():
+    from jobs.config import load
+    from udfs.spec import FeatureSpec
+
+    cfg = load()
+    key = (tuple(cfg.features["half_lives"]), str(cfg.features.get("spec_version", "v1")))
+    if key not in _SPEC:
+        _SPEC[key] = FeatureSpec.from_config(cfg)
+    return _SPEC[key]
 
 
 def repo_config(cfg: Config):
@@ -109,7 +127,9 @@ def write_online(store, key_type: str, df: pd.DataFrame) -> int:
 def write_offline(cfg: Config, key_type: str, seq: int, df: pd.DataFrame) -> Path | None:
     if df is None or df.empty:
         return None
-    folder = cfg.data_dir / "offline" / view_name(key_type)
+    from udfs.spec import FeatureSpec
+
+    folder = cfg.data_dir / "offline" / view_name(key_type, FeatureSpec.from_config(cfg))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"slice-{seq:08d}.parquet"
     tmp = path.with_suffix(".tmp")
