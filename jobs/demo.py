@@ -217,16 +217,14 @@ def uplift_worlds_report(sim_args: dict) -> dict:
     """The observable-uplift world (holdout per decision, uplift a function of observable context
     cells) with the demo's settings, through the learner in process (no features job: the
     decayed features count as missing), delayed labels and oracle."""
-    import pandas as pd
-
     from jobs.evaluate import learn_all, truth_handoff, uplift_quality
     from jobs.simulate import simulate
     from udfs.learners import OnlineLearner
 
     d = sim_args.pop("dir")
     simulate(d, world="observable", **sim_args)
-    print(f"\n== uplift on the observable world (same settings, world=observable; learner in process "
-          f"on the simulator's decisions and outcomes, no decayed features) ==")
+    print("\n== uplift on the observable world (same settings, world=observable; learner in process "
+          "on the simulator's decisions and outcomes, no decayed features) ==")
     out = {}
     for labels in ("delayed", "oracle"):
         slices, truth = truth_handoff(d, oracle_labels=labels == "oracle")

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from udfs.delay import interim_label
 from udfs.outcomes import DAY_MS, OutcomeEngine
 
 H = 3_600_000

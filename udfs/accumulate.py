@@ -267,8 +267,9 @@ class AccumulatorStage(SliceStage):
             df[KEY_COLUMN] = tab.hashes[rows]
         return df
 
-    def feature_values(self, kt: str) -> pd.DataFrame:
-        """Every key's current values, as of its last event (what Feast should hold)."""
+    def feature_values(self, kt: str, with_key: bool = False) -> pd.DataFrame:
+        """Every key's current values, as of its last event (what Feast should hold); with
+        ``with_key`` the :data:`KEY_COLUMN` too."""
         tab = self.tables[kt]
         rows = np.flatnonzero(tab.last_t[:len(tab)] != _NO_TIME).astype(np.int64)
-        return self._feature_frame(kt, rows, with_key=False)
+        return self._feature_frame(kt, rows, with_key=with_key)

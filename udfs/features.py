@@ -81,9 +81,7 @@ def to_frames(batches: dict) -> dict:
             df = pd.DataFrame({f: recs[f] for f in fields})
         elif not len(recs):
             continue
-        elif isinstance(recs[0], dict):
-            df = pd.DataFrame.from_records(recs, columns=fields)
-        else:
+        else:                       # records: dicts, or tuples in contract order
             df = pd.DataFrame.from_records(recs, columns=fields)
         if len(df):
             out[kind] = df
@@ -316,7 +314,5 @@ class FeatureEngine:
 
     def feature_values(self, kt: str) -> pd.DataFrame:
         """Every key's current values, as of its last event (what Feast should hold)."""
-        frames = [a.feature_values(kt).assign(**{KEY_COLUMN: a.tables[kt].hashes[
-            a.tables[kt].last_t[:len(a.tables[kt])] != np.iinfo(np.int64).min]}) for a in self.accs]
-        df = _sorted_frames(frames, key=KEY_COLUMN)
+        df = _sorted_frames([a.feature_values(kt, with_key=True) for a in self.accs], key=KEY_COLUMN)
         return df if df is not None else self.accs[0].feature_values(kt)

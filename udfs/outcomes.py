@@ -533,7 +533,7 @@ class OutcomeShard(SliceStage):
     def _cut(self, seq: int) -> EpochPart:
         clock = self.clock
         held = self._consolidate()
-        t, camp, mut = self.t, self.camp, self.mut
+        t, mut = self.t, self.mut
         elapsed = np.minimum(clock - t, self._W)
         final = clock - t >= self._W
         converted = mut["conversions"] > 0
