@@ -126,7 +126,7 @@ class Config:
         """Constructor arguments of ``udfs.learners.OnlineLearner``."""
         keys = ("label_wait", "refit_every", "snapshot_every", "snapshot_examples", "batch_size", "lr",
                 "intercept_lr", "buckets", "calibration_window", "ipw_clip", "drift_threshold", "model_id",
-                "effect_modifiers", "uplift_buckets", "dr_ridge")
+                "effect_modifiers", "uplift_buckets", "dr_ridge", "t_ridge", "t_empirical_bayes")
         return {"half_lives": tuple(self.features["half_lives"]),
                 "click_window": self.features["click_window"],
                 "conversion_window": self.features["conversion_window"],

@@ -19,7 +19,8 @@ import pandas as pd
 from udfs.features import parse_duration
 from udfs.metrics import auc, ece, log_loss, qini_coefficient
 
-__all__ = ["truth_labels", "job_scores", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality"]
+__all__ = ["truth_labels", "job_scores", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality",
+           "truth_handoff", "uplift_quality", "uplift_run"]
 
 
 def truth_labels(cfg, sim_dir) -> pd.DataFrame:
@@ -220,3 +221,55 @@ def truth_handoff(sim_dir, slice_every: str = "6h", oracle_labels: bool = False)
         slices.append((k, dec[dk == k].reset_index(drop=True), out[ok == k].reset_index(drop=True),
                        bounds[k + 1], k == n - 1))
     return slices, t
+
+
+def uplift_run(sim_dir, labels: str = "delayed", warmup: str = "1d", **learner_params) -> dict:
+    """The uplift figures of the README's table for one simulated stream, in process: the
+    learner (``labels``: ``delayed`` or ``oracle``) over :func:`truth_handoff`, then
+    :func:`uplift_quality`, and per learner the number of deciles (of 10) whose mean predicted
+    uplift lies in the doubly robust interval of its decisions with closed windows
+    (:func:`udfs.metrics.uplift_calibration`)."""
+    from udfs.learners import OnlineLearner
+    from udfs.metrics import uplift_calibration
+
+    slices, truth = truth_handoff(sim_dir, oracle_labels=labels == "oracle")
+    lrn = OnlineLearner(**{"snapshot_every": "1d", "refit_every": "1d", **learner_params, "labels": labels})
+    parts = [sc for s in slices for _, sc, _ in lrn.offer(*s) if sc is not None]
+    lrn.flush()
+    scores = pd.concat(parts, ignore_index=True)
+    res = uplift_quality(scores, truth, warmup)
+    m = scores.merge(truth[["decision_id", "event_time", "arm", "true_conversion"]], on="decision_id")
+    m = m[(m.event_time >= m.event_time.min() + parse_duration(warmup))
+          & (m.event_time + lrn.window <= slices[-1][3])]
+    for col, key in (("uplift", "calibrated_deciles_t"), ("uplift_dr", "calibrated_deciles_dr")):
+        cal = uplift_calibration(m[col], m.true_conversion, m.arm == "treatment", m.mu1, m.mu0)
+        res[key] = int(cal.covered.sum())
+    return res
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import tempfile
+
+    from jobs.simulate import simulate
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=(
+        "uplift: simulate a stream, run the learner in process, print the uplift figures "
+        "(Qini as a share of ranking by the true uplift, mean effects, calibrated deciles)"))
+    ap.add_argument("what", choices=["uplift"])
+    ap.add_argument("--events", type=int, default=300_000, help="decisions to simulate (default 300000)")
+    ap.add_argument("--days", type=int, default=10, help="days of event time (default 10)")
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--world", choices=["observable", "latent"], default="observable")
+    ap.add_argument("--labels", choices=["delayed", "oracle"], default="delayed")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        simulate(d, events=a.events, seed=a.seed, days=a.days, world=a.world)
+        res = uplift_run(d, a.labels)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
