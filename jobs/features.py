@@ -50,8 +50,9 @@ from jobs.flink_env import shard_keys, stage_function  # noqa: E402
 __all__ = ["build", "run", "read_validate"]
 
 
-def read_validate(manifest_line: str, shards: int, limits: dict | None = None) -> list:
-    """One manifest line -> ``[(shard, pickled ReaderPart)]``, one per attribution shard."""
+def read_validate(manifest_line: str, shards: int, limits: dict | None = None, forget=None) -> list:
+    """One manifest line -> ``[(shard, pickled ReaderPart)]``, one per attribution shard;
+    ``forget``: the run's :class:`udfs.privacy.ForgetList` (listed users lose their ``user_id``)."""
     from udfs.features import split_slice
     from udfs.ingest import read_slice
     from udfs.spec import parse_duration
@@ -61,7 +62,7 @@ def read_validate(manifest_line: str, shards: int, limits: dict | None = None) -
     s = read_slice(manifest_line, as_frames=True, limits=limits)
     future = limits.get("max_future")
     parts = split_slice(s.seq, s.batches, s.lines, s.quarantined, shards,
-                        None if future is None else parse_duration(future))
+                        None if future is None else parse_duration(future), forget=forget)
     parts[0].timing = {"read_s": round(time.thread_time() - t0, 3)}
     return [(i, pickle.dumps(p, protocol=5)) for i, p in enumerate(parts)]
 
@@ -98,11 +99,17 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         return stream if on_cluster() else stream.slot_sharing_group(name)
 
     class ReadValidate(FlatMapFunction):
+        def open(self, runtime_context):
+            from udfs.privacy import FORGET_FILE, ForgetList
+
+            self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
+
         def flat_map(self, value):
             from jobs.sinks import record_source_fault
 
             try:
-                parts = read_validate(value, p, {**cfg.limits, "quarantine_key": str(cfg.privacy["quarantine_key"])})
+                parts = read_validate(value, p, {**cfg.limits, "quarantine_key": str(cfg.privacy["quarantine_key"])},
+                                      self.forget)
             except (ValueError, KeyError, TypeError) as e:    # a manifest line that cannot be read: data
                 record_source_fault(cfg, f"source:bad_manifest:{type(e).__name__}", str(value))
                 return

@@ -154,6 +154,12 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
                                                       ep.stats, None, [], ep.counts)
             yield None, (keys[j], pickle.dumps(part, protocol=5))
 
+    from udfs.privacy import FORGET_FILE, ForgetList, blank_forgotten_arrow
+
+    # a user forgotten after their decisions entered this job's state: their user id is blanked
+    # in the rows written (as for a user without consent; jobs.privacy forget)
+    forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
+
     def label_take(stage, blob, timing):
         part = pickle.loads(blob)
         return stage.offer(part.index, part.shard, part)
@@ -161,6 +167,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     def label_emit(lp, timing):
         table = _tables(cfg)["outcome"]
         if not lp.skip:             # the data files of this shard's rows, written, not committed
+            lp.outcomes = blank_forgotten_arrow(lp.outcomes, forget)
             t0 = time.perf_counter()
             table.refresh()
             done = last_epoch(table)

@@ -391,3 +391,25 @@ def test_bench_and_freshness_probe(redis_url, lua_store):
     assert m["polls"] == 1 and m["visible_s"] >= m["write_s"]
     with pytest.raises(TimeoutError):
         freshness_probe(store, "user", [{"user_id": "u_00000000000000e1"}], t.value // 10**6 + 1, timeout_s=0.2)
+
+
+def test_forget_deletes_the_users_keys_from_redis(redis_run, small_sim):
+    """``jobs.privacy forget`` on Feast's Redis layout: every hash whose entity key holds the user
+    (user and user×campaign keys) is deleted; other users' are untouched. Last in this module:
+    it changes the shared run."""
+    from jobs.privacy import forget
+
+    cfg, _, client = redis_run
+    ref, _, _ = reference_of(small_sim)
+    rows = entity_rows(ref)
+    user, other = rows["user"][0]["user_id"], rows["user"][1]["user_id"]
+    holding = [k for k in client.scan_iter(match=f"*{user}*".encode())]
+    assert len(holding) >= 2                                      # the user key and a user×campaign key
+    size = client.dbsize()
+    audit = forget(cfg, [user])
+    assert audit["removed"]["feast_online"] == {"store": "redis", "keys": len(holding)}
+    assert list(client.scan_iter(match=f"*{user}*".encode())) == []
+    assert client.dbsize() == size - len(holding)
+    snap = online_snapshot(cfg, {"user": [{"user_id": user}, {"user_id": other}]})["user"]
+    values = snap.drop(columns=["user_id"])
+    assert values.iloc[0].isna().all() and values.iloc[1].notna().all()

@@ -89,14 +89,18 @@ def to_frames(batches: dict) -> dict:
 
 
 def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined: list | None = None,
-                shards: int = 1, max_future_ms: int | None = None, now_ms: int | None = None) -> list[ReaderPart]:
+                shards: int = 1, max_future_ms: int | None = None, now_ms: int | None = None,
+                forget=None) -> list[ReaderPart]:
     """One :class:`ReaderPart` per attribution shard: each record goes to
     ``shard_of(id_hash(decision_id))``; every part carries the slice's max event time (the
     clock input); shard 0 carries the line counts and the validation quarantine.
 
     With ``max_future_ms``, a record dated more than that after ``now_ms`` (processing time,
     default the wall clock) is quarantined as ``future`` before it can move the clock: one
-    mis-dated record would otherwise make every later event ``late``."""
+    mis-dated record would otherwise make every later event ``late``.
+
+    A decision without ``consent``, or of a user on the forget list ``forget`` (a
+    :class:`udfs.privacy.ForgetList`), loses its ``user_id`` here, before anything else sees it."""
     frames = to_frames(batches)
     quarantined = list(quarantined or [])
     dec = frames.get("decision")
@@ -106,6 +110,10 @@ def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined:
         dec = dec.copy()
         dec.loc[~dec["consent"].astype(bool), "user_id"] = ""
         frames["decision"] = dec
+    if dec is not None and forget is not None:
+        from udfs.privacy import blank_forgotten
+
+        frames["decision"] = dec = blank_forgotten(dec, forget)[0]
     if max_future_ms is not None:
         import time
 
