@@ -6,7 +6,6 @@ Parquet file of the warehouse, and the bytes of every file the run wrote."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
