@@ -201,6 +201,7 @@ def summarize(cfg: Config) -> dict:
     return {"snapshots": len(snaps), "last_version": last["version"], "examples": last["examples"],
             "corrections": last["corrections"], "last_uri": last["uri"],
             "unsafe_snapshots": sum(1 for s in snaps if not s["safe"]),
+            "warnings": last.get("metrics", {}).get("warnings", []),
             "learner_seconds": round(sum(s["timing"].get("learner_s", 0) for s in snaps), 2)}
 
 

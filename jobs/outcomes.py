@@ -212,7 +212,16 @@ def summarize(cfg: Config) -> dict:
     if not epochs:
         return {"epochs": 0}
     last = epochs[-1]
+    from udfs.outcomes import stream_warnings
+
+    table = _tables(cfg)["outcome"]
+    table.refresh()
+    cols = ("arm", "label_status", "campaign_id", "creative_id", "propensity")
+    warnings = stream_warnings(table.scan(selected_fields=cols).to_arrow(), last.get("totals"))
+    for w in warnings:
+        print(f"outcomes: warning: {w}", file=sys.stderr)
     return {"epochs": len(epochs), "last_epoch": last["epoch"], "totals": last.get("totals"),
+            "warnings": warnings,
             "rows_last_epoch": last["rows"], "interim": last["interim"], "final": last["final"],
             "commit_seconds": round(sum(e["timing"]["commit_s"] for e in epochs), 2),
             "engine_seconds": round(sum(e.get("engine_s", 0) for e in epochs), 2),

@@ -830,6 +830,8 @@ class OnlineLearner:
             matched |= hit
             clk = hit & (kind == "click")
             b.clicked[pos[clk]] = True
+            self.totals["clicks"] = self.totals.get("clicks", 0) + int(clk.sum())
+            self.totals["conversions"] = self.totals.get("conversions", 0) + int((hit & (kind == "conversion")).sum())
             cnv = hit & (kind == "conversion")
             p = pos[cnv]
             first = (b.conv_t[p] < 0) | (t[cnv] < b.conv_t[p])
@@ -1260,6 +1262,15 @@ class OnlineLearner:
         if b.models["mu1"].rows == 0:
             out.append("uplift not identified: no treatment-arm outcomes trained on, "
                        "uplift scores are missing (NaN)")
+        t = self.totals
+        if t["trained"] and not t.get("clicks", 0) and self.labels == "delayed":
+            out.append(f"no clicks seen for {t['trained']} decisions: the CTR model has only negatives")
+        if t["trained"] and not t.get("conversions", 0) and self.labels == "delayed":
+            out.append(f"no conversions seen for {t['trained']} decisions: the conversion and uplift models "
+                       f"have only negatives and the delay model is its prior")
+        if t["trained"] and not t["finalized"] and self.labels == "delayed":
+            out.append("no decision has reached the end of its conversion window: every conversion label "
+                       "so far is interim")
         n, k = self.clip_counts
         if k:
             out.append(f"inverse arm-propensity weights clipped at {self.ipw_clip:g} for {k / n:.1%} of the "

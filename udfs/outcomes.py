@@ -81,7 +81,7 @@ from udfs.keys import id_hash, shard_of
 from udfs.spec import parse_duration
 from udfs.stage import SliceStage
 
-__all__ = ["OutcomeEngine", "OutcomeShard", "EpochLabeller", "EpochCommitter", "Epoch", "EpochPart",
+__all__ = ["stream_warnings", "OutcomeEngine", "OutcomeShard", "EpochLabeller", "EpochCommitter", "Epoch", "EpochPart",
            "LabelledPart", "split_handoff", "fit_delay_models", "DAY_MS", "DECISION_COLUMNS", "STAT_BIN_MS"]
 
 DAY_MS = parse_duration("1d")      # day partitions (UTC days since the epoch, as Iceberg's day transform)
@@ -345,6 +345,47 @@ def fit_delay_models(stats: dict, previous: dict, prior_strength: float, window_
                          "conversions": int(f.n_converted_by_[s]),
                          "matured_decisions": st["final"] + st["retired"][0] + st["retired"][1], **common})
     return fits, pa.Table.from_pylist(rows, schema=table_contract("delay_model").arrow_schema())
+
+
+def stream_warnings(outcomes: pa.Table, totals: dict | None = None, tiny_propensity: float = 1e-3) -> list[str]:
+    """What an outcome table (``outcomes_v1``: arm, label_status, campaign_id, creative_id,
+    propensity) and the engine's totals say the analyst cannot rely on: a degenerate stream
+    runs to completion, and says so.
+
+    >>> t = pa.table({"arm": ["treatment"], "label_status": ["interim"], "campaign_id": ["c"],
+    ...               "creative_id": ["k"], "propensity": [1e-5]})
+    >>> [w.split(":")[0] for w in stream_warnings(t, {"processed": {"decision": 1}})]
+    ['no clicks', 'no conversions', 'no holdout', 'no final labels', 'a single campaign', 'a single creative', 'tiny propensities']
+    """
+    import pyarrow.compute as pc
+
+    out = []
+    n = outcomes.num_rows
+    if not n:
+        return ["no decisions: the outcome table is empty"]
+    proc = (totals or {}).get("processed", {})
+    if not proc.get("click", 0):
+        out.append(f"no clicks: none of {n} decisions was clicked; click rates and the CTR model have only negatives")
+    if not proc.get("conversion", 0):
+        out.append(f"no conversions: none of {n} decisions converted; the delay models are their prior and "
+                   f"every label is 0 or the prior's interim value")
+    arm = outcomes.column("arm")
+    if not pc.sum(pc.equal(arm, "control")).as_py():
+        out.append("no holdout: no control-arm decision; uplift and treatment effects are not identified")
+    if not pc.sum(pc.equal(arm, "treatment")).as_py():
+        out.append("no treatment: no treatment-arm decision; uplift and treatment effects are not identified")
+    if not pc.sum(pc.equal(outcomes.column("label_status"), "final")).as_py():
+        out.append("no final labels: no decision's conversion window has closed; every label is interim")
+    if pc.count_distinct(outcomes.column("campaign_id")).as_py() == 1:
+        out.append("a single campaign: the delay model's shrinkage has no other campaign to pool with")
+    if pc.count_distinct(outcomes.column("creative_id")).as_py() == 1:
+        out.append("a single creative: a policy over creatives cannot be evaluated off-policy")
+    low = pc.min(outcomes.column("propensity")).as_py()
+    if low is not None and low < tiny_propensity:
+        share = pc.mean(pc.cast(pc.less(outcomes.column("propensity"), tiny_propensity), pa.float64())).as_py()
+        out.append(f"tiny propensities: {share:.1%} of decisions logged below {tiny_propensity:g} (lowest {low:.3g}); "
+                   f"inverse-propensity weights up to {1 / low:.3g}, off-policy estimates will be heavy-tailed")
+    return out
 
 
 def quarantine_table(entries: list, clock: int) -> pa.Table:
