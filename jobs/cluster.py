@@ -24,7 +24,8 @@ import yaml
 
 from jobs.config import ROOT
 
-__all__ = ["flink_home", "up", "down", "submit", "rest_ready"]
+__all__ = ["flink_home", "up", "down", "submit", "rest_ready", "start_taskmanager", "taskmanager_pids",
+           "job_status"]
 
 REST = "http://localhost:8081"
 
@@ -46,7 +47,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _env(slots: int | None = None) -> dict:
+def _env(slots: int | None = None, conf_overrides: dict | None = None) -> dict:
     env = dict(os.environ)
     home = flink_home()
     conf = Path("/tmp/streamlift-cluster/conf")
@@ -60,6 +61,7 @@ def _env(slots: int | None = None) -> dict:
     merged.update(_flatten(yaml.safe_load((ROOT / "flink-conf" / "cluster" / "config.yaml").read_text())))
     if slots is not None:
         merged["taskmanager.numberOfTaskSlots"] = int(slots)
+    merged.update(conf_overrides or {})
     (conf / "config.yaml").write_text(yaml.safe_dump(merged, default_flow_style=False))
     log_dir = Path("/tmp/streamlift-cluster/log")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -82,13 +84,15 @@ def rest_ready(timeout: float = 0) -> dict | None:
         time.sleep(1)
 
 
-def up(timeout: float = 90, taskmanagers: int = 1, slots: int | None = None) -> dict:
+def up(timeout: float = 90, taskmanagers: int = 1, slots: int | None = None,
+       conf: dict | None = None) -> dict:
     """Start a JobManager and ``taskmanagers`` TaskManagers (``slots`` task slots each, default
-    from flink-conf/cluster); returns the REST overview once every TaskManager registered."""
+    from flink-conf/cluster; ``conf``: more cluster settings); returns the REST overview once
+    every TaskManager registered."""
     home = flink_home()
     for script in home.glob("bin/*.sh"):
         script.chmod(script.stat().st_mode | 0o111)
-    env = _env(slots)
+    env = _env(slots, conf)
     subprocess.run(["bash", str(home / "bin" / "start-cluster.sh")], env=env, check=True)
     for _ in range(taskmanagers - 1):
         subprocess.run(["bash", str(home / "bin" / "taskmanager.sh"), "start"], env=env, check=True)
@@ -103,6 +107,49 @@ def up(timeout: float = 90, taskmanagers: int = 1, slots: int | None = None) -> 
         time.sleep(1)
 
 
+def start_taskmanager(slots: int | None = None, conf: dict | None = None) -> None:
+    """One more TaskManager (``bin/taskmanager.sh start``), e.g. to replace a killed one."""
+    subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=_env(slots, conf),
+                   check=True, capture_output=True)
+
+
+def taskmanager_pids() -> list[int]:
+    """Process ids of this machine's TaskManager JVMs."""
+    r = subprocess.run(["pgrep", "-f", "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"],
+                       capture_output=True, text=True)
+    return sorted(int(x) for x in r.stdout.split())
+
+
+def _get(path: str):
+    with urllib.request.urlopen(REST + path, timeout=5) as r:
+        return json.load(r)
+
+
+def job_status(name: str) -> dict | None:
+    """The newest job called ``name``: its id, state, restarts, completed checkpoints, vertices'
+    states and when the last of them (re)started (ms), or None."""
+    jobs = [j for j in _get("/jobs/overview")["jobs"] if j["name"] == name]
+    if not jobs:
+        return None
+    j = max(jobs, key=lambda j: j["start-time"])
+    d = _get(f"/jobs/{j['jid']}")
+    restarts = 0
+    try:
+        m = _get(f"/jobs/{j['jid']}/metrics?get=numRestarts")
+        restarts = int(float(m[0]["value"])) if m else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    ck = {}
+    try:
+        ck = _get(f"/jobs/{j['jid']}/checkpoints")["counts"]
+    except (OSError, KeyError):
+        pass
+    starts = [v.get("start-time", -1) for v in d["vertices"]]
+    return {"jid": j["jid"], "state": d["state"], "restarts": restarts, "checkpoints": ck.get("completed", 0),
+            "vertices": [v["status"] for v in d["vertices"]],
+            "started_ms": min(starts) if starts and min(starts) > 0 else None}
+
+
 def down() -> None:
     home = flink_home()
     env = _env()
@@ -111,18 +158,23 @@ def down() -> None:
 
 
 def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = None,
-           parallelism: int | None = None) -> subprocess.CompletedProcess:
-    """``flink run [-p parallelism] -py jobs/<job>.py``; waits for a bounded job to finish."""
+           parallelism: int | None = None, flink_opts: list[str] | None = None, wait: bool = True):
+    """``flink run [-p parallelism] [flink_opts] -py jobs/<job>.py``; waits for a bounded job to
+    finish (a CompletedProcess), or with ``wait=False`` returns the running ``flink run``
+    (a Popen, output to pipes)."""
     home = flink_home()
     env = _env()
     env["STREAMLIFT_ON_CLUSTER"] = "1"
     env["STREAMLIFT_PATHS__DATA_DIR"] = str(Path(data_dir).resolve())
     cmd = ["bash", str(home / "bin" / "flink"), "run", *(["-p", str(parallelism)] if parallelism else []),
+           *(flink_opts or []),
            "-py", str(ROOT / "jobs" / f"{job}.py"),
            "-pyfs", ",".join(str(ROOT / p) for p in ("schemas", "udfs", "jobs")),
            "-pyexec", sys.executable, "-pyclientexec", sys.executable,
            "--input", str(Path(input_dir).resolve()), "--data-dir", str(Path(data_dir).resolve()),
            *(extra or [])]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
 
 

@@ -1,0 +1,121 @@
+"""Random-kill fault injection (issue 13, point 4): each job runs on the standalone cluster (one
+TaskManager of four slots, parallelism 2: every kill hits the job) while the TaskManager is
+SIGKILLed at 5 random moments and a new one started (tests/faults.py); Flink recovers from its latest checkpoint; then every output is compared with an
+uninterrupted run of the same job on the same cluster: the features job's enriched decisions,
+attributed outcomes, offline features, quarantine and hand-off file for file and Feast's online
+values key for key; the outcomes job's Iceberg tables row for row and its epochs' commits; the
+learner's every model snapshot (digest) and its metrics rows. Seeds in KILL_SEEDS: a failure names
+its seed and the kills' delays, and replays with the same seed."""
+
+import pandas as pd
+import pytest
+
+from faults import FAULT_CONF, run_with_kills
+from outputs import all_keys, assert_same_feature_outputs, online_values
+from test_job import cfg_for
+
+pytestmark = pytest.mark.slow
+
+KILL_SEEDS = {"features": 101, "outcomes": 202, "learner": 303}
+#: the most seconds between a job running again and the next kill: the outcomes and learner jobs
+#: process this stream in a few seconds, so their kills come sooner
+MAX_DELAY = {"features": 4.0, "outcomes": 1.5, "learner": 1.5}
+KILLS = 5
+#: the learner job gets through this stream's hand-off in about two seconds: a snapshot every two
+#: hours of event time (~100 model versions, each written to the store and to Iceberg) gives its
+#: kills a run to land in, and more outputs to compare
+LEARNER_ENV = {"STREAMLIFT_LEARNER__SNAPSHOT_EVERY": "2h"}
+
+
+@pytest.fixture(scope="module")
+def fault_cluster():
+    from jobs import cluster as c
+
+    if c.rest_ready():
+        pytest.fail("a Flink cluster is already running on localhost:8081; stop it first (make cluster-down)")
+    c.up(taskmanagers=1, slots=4, conf=FAULT_CONF)
+    yield c
+    c.down()
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    """Long enough (~50 slices) for five kills and recoveries inside each job's run."""
+    from jobs.simulate import simulate
+
+    out = tmp_path_factory.mktemp("fault-sim")
+    simulate(out, events=60_000, users=2_000, campaigns=4, days=9.0, slice_lines=1_200, seed=17)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean(fault_cluster, stream, tmp_path_factory):
+    """Uninterrupted runs of the three jobs, chained: features -> outcomes, features -> learner."""
+    root = tmp_path_factory.mktemp("clean")
+    with pytest.MonkeyPatch.context() as mp:
+        for job, inp in (("features", stream), ("outcomes", root / "features"), ("learner", root / "features")):
+            if job == "learner":
+                for k, v in LEARNER_ENV.items():
+                    mp.setenv(k, v)
+            r = fault_cluster.submit(job, str(inp), str(root / job), parallelism=2)
+            assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+def _killed(fault_cluster, job, inp, out):
+    res = run_with_kills(fault_cluster, job, inp, out, kills=KILLS, seed=KILL_SEEDS[job], max_delay=MAX_DELAY[job])
+    assert res["returncode"] == 0 and res["state"] == "FINISHED", res
+    assert sum(k["restarted"] for k in res["kills"]) == KILLS and res["restarts"] >= KILLS, res
+    # some kills came after a checkpoint newer than the last restore: a mid-run checkpoint is restored
+    cks = [0] + [k["checkpoints"] for k in res["kills"]]
+    assert any(b > a for a, b in zip(cks, cks[1:])), res["kills"]
+    return res
+
+
+def test_features_job_killed_five_times_writes_what_an_uninterrupted_run_writes(fault_cluster, stream, clean,
+                                                                              tmp_path):
+    from udfs.spec import FeatureSpec
+
+    out = tmp_path / "features"
+    res = _killed(fault_cluster, "features", stream, out)
+    assert assert_same_feature_outputs(out, clean / "features") > 100, res
+    spec = FeatureSpec.from_config(cfg_for(out))
+    keys = all_keys(clean / "features", spec)
+    a, b = online_values(cfg_for(out), spec, keys), online_values(cfg_for(clean / "features"), spec, keys)
+    for kt in keys:
+        pd.testing.assert_frame_equal(a[kt], b[kt], check_exact=True, obj=kt)
+
+
+def test_outcomes_job_killed_five_times_commits_the_tables_of_an_uninterrupted_run(fault_cluster, clean, tmp_path):
+    from test_outcomes_job import epoch_history, table_snapshot
+
+    out = tmp_path / "outcomes"
+    res = _killed(fault_cluster, "outcomes", clean / "features", out)
+    got, want = table_snapshot(cfg_for(out)), table_snapshot(cfg_for(clean / "outcomes"))
+    for k in want:
+        pd.testing.assert_frame_equal(got[k], want[k], check_exact=True, obj=f"{k} {res['kills']}")
+    # every epoch committed once, with the same rows: the commits' stamps and counts are equal
+    assert epoch_history(cfg_for(out)) == epoch_history(cfg_for(clean / "outcomes"))
+
+
+def test_learner_job_killed_five_times_publishes_the_models_of_an_uninterrupted_run(fault_cluster, clean, tmp_path,
+                                                                                  monkeypatch):
+    from jobs.analyst import read_table
+    from jobs.serving import list_versions, load_model
+
+    for k, v in LEARNER_ENV.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "learner"
+    res = _killed(fault_cluster, "learner", clean / "features", out)
+    a, b = cfg_for(out), cfg_for(clean / "learner")
+    va, vb = list_versions(a.model_store, a.learner["model_id"]), list_versions(b.model_store, b.learner["model_id"])
+    assert [v["version"] for v in va] == [v["version"] for v in vb] and len(va) >= 50, res
+    for v in va:
+        ma = load_model(a.model_store, a.learner["model_id"], v["version"])
+        mb = load_model(b.model_store, b.learner["model_id"], v["version"])
+        assert ma.bundle.digest() == mb.bundle.digest(), (v["version"], res["kills"])
+    cols = ["version", "examples", "auc", "log_loss", "ece"]
+    ma, mb = read_table(a, "learner_metrics"), read_table(b, "learner_metrics")
+    cols = [c for c in cols if c in ma.columns]
+    pd.testing.assert_frame_equal(ma[cols].sort_values("version", ignore_index=True),
+                                  mb[cols].sort_values("version", ignore_index=True), check_exact=True)
