@@ -118,9 +118,25 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     gap_after = parse_duration(cfg.limits.get("gap_alert_after", "5m")) / 1000.0
     gap_seen = {}                                  # first missing seq -> when the gap was first seen
+    gap_alerted = set()
+
+    def attribution_watch(stage, now):
+        """Slices waiting for a missing one: alert once the gap is ``gap_alert_after`` old; called
+        after each slice and by a processing-time timer, so an idle stream alerts too."""
+        from jobs.sinks import record_alert
+
+        if not (stage.waiting and stage.shard == 0) or stage.next_seq in gap_alerted:
+            return None
+        first = gap_seen.setdefault(stage.next_seq, now)
+        if now - first < gap_after:
+            return first + gap_after - now
+        gap_alerted.add(stage.next_seq)
+        record_alert(cfg, "seq-gap", {"seq": stage.next_seq, "waiting": sorted(stage.waiting),
+                                      "seconds": round(now - first, 1)})
+        return None
 
     def attribution_take(stage, blob, timing):
-        from jobs.sinks import record_alert, record_source_fault
+        from jobs.sinks import record_source_fault
 
         part = pickle.loads(blob)
         if part.seq < stage.next_seq or part.seq in stage.waiting:
@@ -129,12 +145,6 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             return []
         t0 = time.thread_time()
         outs = stage.offer(part.seq, 0, part)
-        if stage.waiting and stage.shard == 0:     # slices waiting for a missing one: alert after a while
-            now = time.time()
-            first = gap_seen.setdefault(stage.next_seq, now)
-            if now - first >= gap_after:
-                record_alert(cfg, "seq-gap", {"seq": stage.next_seq, "waiting": sorted(stage.waiting),
-                                              "seconds": round(now - first, 1)})
         timing[f"attribution_s:{stage.shard}"] = round(time.thread_time() - t0, 3)
         timing.update(getattr(part, "timing", {}) or {})
         return outs
@@ -211,7 +221,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
                        .process(stage_function("attribution", AttributionStage,
                                                lambda key: template.router_params(shard_of_key[key]),
                                                attribution_take, attribution_emit, flush_at_end=True,
-                                               errors_dir=cfg.data_dir),
+                                               errors_dir=cfg.data_dir, watch=attribution_watch),
                                 output_type=keyed_type())
                        .name("attribution").uid("attribution").set_parallelism(p), "engine")
     accumulated = group(attributed.key_by(lambda t: t[0], key_type=Types.INT())

@@ -121,7 +121,7 @@ def record_error(data_dir: Path, where: str) -> str:
 
 
 def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush_at_end: bool = False,
-                   errors_dir: Path | None = None):
+                   errors_dir: Path | None = None, watch=None):
     """A keyed function running one :class:`udfs.stage.SliceStage` per key (shard), its state a
     MapState of the stage's :meth:`state_delta` entries.
 
@@ -131,6 +131,9 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
     final watermark). Outputs of slices taken again on a restore are not emitted twice
     (``SliceStage.restore``). An exception's traceback is written to ``errors_dir`` (see
     :func:`record_error`) before Flink fails the task (and restarts it, up to its restart strategy).
+    ``watch(stage, now) -> seconds | None``, called after each element and again when the
+    processing-time timer it asked for fires: a check that must run on an idle stream too
+    (the features job's alert on a gap in slice numbers).
     """
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
@@ -170,15 +173,29 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
                     ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
                 out = list(self._out(outs, timing))
                 self._persist(stage)  # a crash before this replays the outputs, idempotently
+                self._watch(stage, ctx)
             except Exception:
                 if errors_dir is not None:
                     record_error(errors_dir, state_name)
                 raise
             yield from out
 
+        def _watch(self, stage, ctx):
+            if watch is None:
+                return
+            import time as _time
+
+            delay = watch(stage, _time.time())
+            if delay is not None:
+                now = ctx.timer_service().current_processing_time()
+                ctx.timer_service().register_processing_time_timer(now + max(int(delay * 1000), 1))
+
         def on_timer(self, timestamp, ctx):
             try:
                 stage = self._stage(ctx.get_current_key())
+                if timestamp != END_OF_INPUT_TIMER:        # a watch's processing-time timer
+                    self._watch(stage, ctx)
+                    return
                 out = list(self._out(stage.flush(), {}))
                 self._persist(stage)
             except Exception:

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import crash_and_restart, hold_manifests, read_slices
+from conftest import announce, crash_and_restart, hold_manifests, read_slices
 from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
@@ -53,3 +53,39 @@ def test_crash_and_restart_from_checkpoint(tmp_path):
     restored = [json.loads(f.read_text())["timing"].get("restored_from_seq") for f in slice_stats(data)]
     assert any(r is not None for r in restored), restored
     assert s["events_in"] == s["processed"] + s["quarantined"] + s["pending"]
+
+
+def test_a_gap_in_slice_numbers_alerts_on_an_idle_stream(tmp_path):
+    """A --follow run is handed slices 0 and 2 and then nothing: slice 2 waits for 1, and once the
+    gap is ``limits.gap_alert_after`` (2 s here) old the alert is written by a processing-time
+    timer, with no later slice to trigger it; slice 2 is held, not processed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from jobs.simulate import simulate
+
+    sim = tmp_path / "sim"
+    simulate(sim, events=3_000, users=300, campaigns=2, days=0.2, slice_lines=1_000, manifest_every=1, seed=4)
+    files = hold_manifests(sim, tmp_path / "held")
+    lines = [l for f in files for l in f.read_text().splitlines() if l]
+    gap = tmp_path / "slices-gap.jsonl"
+    gap.write_text(lines[0] + "\n" + lines[2] + "\n")
+    data = tmp_path / "run"
+    env = {**os.environ, "STREAMLIFT_LIMITS__GAP_ALERT_AFTER": "2s"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.features", "--input", str(sim), "--data-dir", str(data),
+                             "--follow"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        announce(sim / "manifest", gap)
+        alert = data / "alerts" / "seq-gap-1.json"
+        deadline = time.time() + 120
+        while not alert.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert alert.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no alert"
+        body = json.loads(alert.read_text())
+        assert body["seq"] == 1 and body["waiting"] == [2] and body["seconds"] >= 2
+        assert [json.loads(f.read_text())["seq"] for f in slice_stats(data)] == [0]
+    finally:
+        proc.kill()
+        proc.wait()
