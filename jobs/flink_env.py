@@ -267,4 +267,7 @@ def handoff_cli(name: str, run, argv=None) -> None:
     cfg = load_for_cli(args.data_dir)
     input_dir = Path(args.input) if args.input else cfg.data_dir
     overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
-    print(json.dumps(run(cfg, input_dir, args.follow, overrides=overrides), indent=2))
+    res = run(cfg, input_dir, args.follow, overrides=overrides)
+    print(json.dumps(res, indent=2, default=str))
+    if res.get("data_quality", {}).get("success") is False:    # the tables stay; the exit says it
+        sys.exit(1)

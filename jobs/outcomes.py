@@ -234,7 +234,19 @@ def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
     ``follow``; returns a summary."""
     from jobs.flink_env import run_handoff_job
 
-    return run_handoff_job(cfg, "outcomes", build, summarize, input_dir, follow, overrides)
+    res = run_handoff_job(cfg, "outcomes", build, summarize, input_dir, follow, overrides)
+    if cfg.outcomes.get("data_quality", True) and not follow:
+        # the last step: the Great Expectations suites on the committed tables (jobs/dq.py); a
+        # broken expectation is reported (summary, stderr, exit 1 from the CLI), the data stays
+        from jobs.dq import validate
+
+        dq = validate(cfg)
+        res["data_quality"] = {k: dq[k] for k in ("success", "failed", "run_id", "docs")}
+        for name, r in dq["suites"].items():
+            for f in r["failed"]:
+                print(f"outcomes: data quality: {name}: {f['expectation']} {f['column']} broken "
+                      f"({f['unexpected_count']} rows)", file=sys.stderr)
+    return res
 
 
 def main(argv=None) -> None:

@@ -35,7 +35,7 @@ _FLINK_SQL = {"string": "STRING", "int": "BIGINT", "double": "DOUBLE",
               "bool": "BOOLEAN", "timestamp_ms": "BIGINT", "timestamp": "TIMESTAMP_LTZ(6)"}
 
 #: Iceberg tables written by the jobs, and the contract version of each
-TABLES = {"outcome": 1, "delay_model": 1, "quarantine": 1, "learner_metrics": 1}
+TABLES = {"outcome": 1, "delay_model": 1, "quarantine": 1, "learner_metrics": 1, "dq_result": 1}
 
 
 def _arrow_type(t: str):

@@ -7,6 +7,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+# the outcomes job's last step (the Great Expectations suites, ~10 s a run) is run by the tests
+# that are about it (test_dq.py, test_outcomes_job.py), not after every outcomes run of the suite
+import os  # noqa: E402
+
+os.environ.setdefault("STREAMLIFT_OUTCOMES__DATA_QUALITY", "false")
+
 
 @pytest.fixture(scope="session")
 def small_sim(tmp_path_factory):

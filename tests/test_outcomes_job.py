@@ -377,3 +377,22 @@ def test_per_campaign_effects_are_in_the_metrics_table_and_the_analyst_cli(pipel
     ok = eff.ate.notna()
     assert ok.any() and ((eff.lo[ok] <= eff.ate[ok]) & (eff.ate[ok] <= eff.hi[ok])).all()
     assert (eff.n == eff.n_treated + eff.n_control).all()
+
+
+def test_every_data_quality_suite_passes_on_the_jobs_tables(pipeline, monkeypatch):
+    """The Great Expectations suites (schemas/expectations/) on the tables and files of a real
+    run: outcomes_v1, delay_models_v1, the enriched decisions and the three offline feature views;
+    the outcomes job runs the same as its last step (``outcomes.data_quality``)."""
+    from jobs.dq import validate
+    from jobs.outcomes import run
+
+    cfg, _, _, _ = pipeline
+    res = validate(cfg)
+    assert res["success"], res["suites"]
+    assert set(res["suites"]) >= {"outcomes_v1", "delay_models_v1", "enriched_decisions",
+                                  "offline_features:user_features_v1"}
+    monkeypatch.setenv("STREAMLIFT_OUTCOMES__DATA_QUALITY", "true")
+    from test_job import cfg_for
+
+    again = run(cfg_for(cfg.data_dir))              # a replay: nothing new, the suites run again
+    assert again["data_quality"]["success"] and again["data_quality"]["failed"] == 0
