@@ -134,6 +134,9 @@ def campaign_effects(cfg: Config) -> pd.DataFrame:
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["compare", "delay", "ate", "sql"])
     p.add_argument("query", nargs="?", help="SQL for `sql` (views: outcomes, delay_models, quarantine)")

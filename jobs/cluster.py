@@ -179,6 +179,9 @@ def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = No
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description="standalone Flink cluster")
     p.add_argument("action", choices=["up", "down", "submit", "status"])
     p.add_argument("--job", default="features")

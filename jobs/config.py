@@ -153,9 +153,34 @@ def load(path: str | os.PathLike | None = None, env: dict | None = None) -> Conf
     return Config(**{k: _freeze(v) for k, v in raw.items()})
 
 
+#: libraries whose deprecation and future warnings are theirs to fix, not the user's to read
+THIRD_PARTY = ("pyflink", "httplib2", "pyparsing", "pyiceberg", "pydantic", "feast", "great_expectations",
+               "google", "dask", "pandas", "pyarrow", "river", "sklearn", "altair", "marshmallow", "ruamel",
+               "typeguard", "fsspec", "s3fs", "aiobotocore", "botocore", "boto3", "duckdb", "sqlalchemy")
+
+
+def quiet_third_party_warnings() -> None:
+    """At a command's entry point: silence other libraries' Deprecation/Future/UserWarnings
+    (attributed to their modules) so the terminal holds what the user asked for; the project's
+    own warnings stay."""
+    import re
+    import warnings
+
+    pattern = r"(%s)(\.|$)" % "|".join(re.escape(m) for m in THIRD_PARTY)
+    for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=cat, module=pattern)
+    warnings.filterwarnings("ignore", message=r".*deprecated.*", module=pattern)
+    # the Python processes Flink starts (the jobs' workers inherit this process's environment and
+    # its terminal) import PyFlink, pyparsing, pydantic... afresh: PYTHONWARNINGS cannot name
+    # module patterns, so there every DeprecationWarning is silenced (the project raises none)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+
+
 def load_for_cli(data_dir: str | None = None) -> Config:
     """For a command's ``main()``: ``--data-dir`` overrides ``paths.data_dir`` in this process's
-    environment (so Flink's Python workers started from it see it too), then :func:`load`."""
+    environment (so Flink's Python workers started from it see it too), then :func:`load`;
+    other libraries' deprecation warnings are silenced (:func:`quiet_third_party_warnings`)."""
+    quiet_third_party_warnings()
     if data_dir:
         os.environ[PREFIX + "PATHS__DATA_DIR"] = str(data_dir)
     return load()

@@ -17,6 +17,9 @@ from jobs.config import load as load_config
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--data-dir", default="data/demo")

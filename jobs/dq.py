@@ -257,7 +257,10 @@ def _store(cfg: Config, rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.dq", description=(
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+    ap = argparse.ArgumentParser(description=(
         "Run the Great Expectations suites (schemas/expectations/) on a run's tables; store the "
         "results in Iceberg (dq_results_v1) and Data Docs (<data>/gx/); exit 1 when one broke."))
     ap.add_argument("--data-dir", help="the run's data folder (default: paths.data_dir)")

@@ -248,13 +248,16 @@ def uplift_run(sim_dir, labels: str = "delayed", warmup: str = "1d", **learner_p
 
 
 def main(argv=None) -> int:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     import argparse
     import json
     import tempfile
 
     from jobs.simulate import simulate
 
-    ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=(
+    ap = argparse.ArgumentParser(description=(
         "uplift: simulate a stream, run the learner in process, print the uplift figures "
         "(Qini as a share of ranking by the true uplift, mean effects, calibrated deciles)"))
     ap.add_argument("what", choices=["uplift"])

@@ -263,6 +263,9 @@ def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | No
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description="streamlift features job")
     p.add_argument("--input", required=True, help="simulator/producer output folder (with manifest/)")
     p.add_argument("--data-dir", help="override paths.data_dir")

@@ -167,6 +167,9 @@ def create_sources(table_env, ddls: dict[str, str]) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     from jobs.config import load
 
     p = argparse.ArgumentParser(description="print the Flink SQL DDL of the Kafka sources")

@@ -132,6 +132,9 @@ def _fmt(df: pd.DataFrame) -> str:
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description="off-policy evaluation of a target policy on outcomes_v1")
     p.add_argument("--data-dir", help="override paths.data_dir")
     p.add_argument("--policy", default="uniform", help="uniform | model | a CSV (decision_id, creative_id, probability)")

@@ -250,6 +250,9 @@ def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     from jobs.flink_env import handoff_cli
 
     handoff_cli("outcomes", run, argv)

@@ -310,7 +310,10 @@ def forget(cfg: Config, users) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.privacy", description=__doc__.split("\n\n")[0])
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("forget", help="remove users from Feast, the files and every Iceberg table")
     f.add_argument("--user", action="append", default=[], help="a user id (repeat for several)")

@@ -200,6 +200,9 @@ def score_requests(cfg, requests: pd.DataFrame, now_ms: int) -> tuple[ServingMod
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description="score a few decisions with the newest model and Feast features")
     p.add_argument("--data-dir", help="override paths.data_dir (the features/learner run)")
     p.add_argument("-n", type=int, default=5)

@@ -330,6 +330,9 @@ def simulate(out: str | os.PathLike, **kw) -> dict:
 
 
 def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     for key, default in SimConfig.DEFAULTS.items():
