@@ -10,15 +10,16 @@ EVENTS ?= 200000
 JOB ?= features
 
 .DEFAULT_GOAL := help
-.PHONY: help venv redis demo test test-fast bench cluster-up cluster-down submit simulate lock clean
+.PHONY: help venv redis chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.lock
+$(STAMP): requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP) ## create .venv with the pinned dependency set
@@ -26,11 +27,18 @@ venv: $(STAMP) ## create .venv with the pinned dependency set
 demo: $(STAMP) ## simulate EVENTS events, run the features, outcomes and learner jobs locally, read features, tables, models back
 	$(BIN)/python -m jobs.demo --events $(EVENTS) --data-dir $(DATA)/demo
 
+report: $(STAMP) ## one HTML page of plots from the demo's run (after make demo): $(DATA)/demo/run/report.html
+	$(BIN)/python -m jobs.report --data-dir $(DATA)/demo/run
+
+chromium: ## install Debian's chromium if missing (the report test opens the page in it, headless)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 redis: ## install Debian's redis-server if missing (the Feast-on-Redis tests start their own on a free port)
 	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
-test: $(STAMP) redis ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis)
+test: $(STAMP) redis chromium ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP) ## unit tests only (no JVM)

@@ -89,7 +89,12 @@ def main(argv=None) -> None:
           f"({(now - as_of) / 3.6e6:.1f} h later): {decay_to(v, as_of, now, parse_duration('1d')):.3f}")
     outcomes_report(cfg, sim_dir)
     summary["learner"] = learner_report(cfg, sim_dir)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    from jobs.report import build_report
+
+    page = build_report(cfg)
+    print(f"\n== report: one HTML page of plots (python -m jobs.report) ==\n{page}")
+    summary["report"] = str(page)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def outcomes_report(cfg, sim_dir) -> dict:
@@ -109,6 +114,12 @@ def outcomes_report(cfg, sim_dir) -> dict:
     print(f"pending          {tot['pending']:>10,}")
     print(f"epochs committed {s['epochs']:>10,}   (one per {cfg.outcomes['commit_every']} of event time + end of input)")
     print(f"wall time        {s['wall_seconds']:>10.1f} s  ({n_in / s['wall_seconds']:,.0f} events/s end to end)")
+    dq = s.get("data_quality")
+    if dq:
+        print(f"data quality     {'every expectation held' if dq['success'] else str(dq['failed']) + ' BROKEN'}"
+              f"   (Great Expectations suites; Data Docs: {dq['docs']})")
+    for w in s.get("warnings", []):
+        print(f"warning: {w}")
     acc = accuracy(cfg, sim_dir)
     print(f"rows             {acc['rows']:>10,}   ({acc['unique_decisions']:,} distinct decisions): "
           f"{acc['interim']:,} interim, {acc['final']:,} final; delay model v{acc['delay_model_version']}")

@@ -8,7 +8,8 @@ Qini curves of both uplift learners against random targeting; per-campaign treat
 with 95 % intervals; Kaplan–Meier conversion-delay curves per campaign against the fitted delay
 model; interim and final conversion rate per cohort day; drift per snapshot against its
 threshold; off-policy estimates of uniform-random targeting with intervals; the data-quality
-results. A plot whose data the run does not have says so in its place. The page checks itself
+results. A plot whose data the run does not have says so in its place (and its ``<figure>`` carries
+``data-empty`` with the reason). The page checks itself
 when opened: ``document.body.dataset.plots`` says how many images rendered and
 ``data-errors`` lists script errors (tests/test_report.py opens it in Chromium).
 """
@@ -58,6 +59,7 @@ def _png(fig) -> str:
 
 
 def _empty(ax, why: str):
+    ax.figure.empty_reason = why                     # the page marks the figure (data-empty)
     ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="#666")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -307,6 +309,11 @@ window.addEventListener("load", () => {{
 """
 
 
+def _empty_attr(fig) -> str:
+    why = getattr(fig, "empty_reason", None)
+    return f' data-empty="{html.escape(why)}"' if why else ""
+
+
 def build_report(cfg: Config, out_path: Path | None = None) -> Path:
     """Write the report of the run at ``cfg.data_dir``; returns its path."""
     import warnings
@@ -319,9 +326,9 @@ def build_report(cfg: Config, out_path: Path | None = None) -> Path:
         scores = _scores(cfg)
         plots = [plot_throughput(cfg), plot_calibration(cfg, out, scores), plot_qini(out, scores), plot_ate(cfg),
                  plot_survival(out, delay), plot_cohorts(out), plot_drift(cfg), plot_ope(out), plot_dq(cfg)]
-    figures = "\n".join(f'<figure><figcaption>{html.escape(title)}</figcaption>'
-                        f'<img alt="{html.escape(title)}" src="data:image/png;base64,{_png(fig)}"></figure>'
-                        for fig, title in plots)
+    figures = "\n".join(
+        f'<figure{_empty_attr(fig)}><figcaption>{html.escape(title)}</figcaption>'
+        f'<img alt="{html.escape(title)}" src="data:image/png;base64,{_png(fig)}"></figure>' for fig, title in plots)
     summary = (f"{len(out):,} decisions in outcomes_v1 ({int((out.label_status == 'final').sum()):,} final)."
                if len(out) else "No outcome table yet.")
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,45 @@
+"""One entry point (issue 14, part 4): ``streamlift <command>`` for every tool and job, each with
+``--help``; ``pyproject.toml`` packages the three packages with the schemas and expectation suites,
+the dependencies read from requirements.in (one list)."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_listing_names_every_command(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in ("simulate", "features", "outcomes", "learner", "serve", "ope", "dq", "report", "analyst", "cluster"):
+        assert f"  {name} " in out
+    assert main(["nope"]) == 2
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_explains_its_flags(command):
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", command, "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"usage: streamlift {command}") and "--" in r.stdout
+    assert "Warning" not in r.stderr, r.stderr[-2000:]              # third-party warnings silenced
+
+
+def test_pyproject_packages_what_the_commands_need():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"] == {"streamlift": "jobs.cli:main"}
+    assert meta["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.in"]
+    packaged = {p for pat in meta["tool"]["setuptools"]["package-data"]["schemas"]
+                for p in (ROOT / "schemas").glob(pat)}
+    assert packaged >= set((ROOT / "schemas").glob("**/*.json"))
+    # after `make venv` (pip install -e .) the command is on the virtual environment's path
+    exe = Path(sys.executable).parent / "streamlift"
+    assert exe.exists()
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "commands:" in r.stdout
