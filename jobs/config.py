@@ -160,19 +160,28 @@ THIRD_PARTY = ("pyflink", "httplib2", "pyparsing", "pyiceberg", "pydantic", "fea
 
 
 def quiet_third_party_warnings() -> None:
-    """At a command's entry point: silence other libraries' Deprecation/Future/UserWarnings
-    (attributed to their modules) so the terminal holds what the user asked for; the project's
-    own warnings stay."""
+    """At a command's entry point: silence other libraries' Deprecation/Future/UserWarnings so the
+    terminal holds what the user asked for; the project's own warnings stay. Filters alone do
+    not hold: a library imported later (Apache Beam's annotations, under Feast) puts
+    ``simplefilter("always")`` in front of them, so the warnings are dropped where they are shown,
+    by the file that raised them (an installed package), and by module name for the rest."""
     import re
     import warnings
 
     pattern = r"(%s)(\.|$)" % "|".join(re.escape(m) for m in THIRD_PARTY)
-    for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning, UserWarning):
+    quiet = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, UserWarning)
+    for cat in quiet:
         warnings.filterwarnings("ignore", category=cat, module=pattern)
-    warnings.filterwarnings("ignore", message=r".*deprecated.*", module=pattern)
-    # the Python processes Flink starts (the jobs' workers inherit this process's environment and
-    # its terminal) import PyFlink, pyparsing, pydantic... afresh: PYTHONWARNINGS cannot name
-    # module patterns, so there every DeprecationWarning is silenced (the project raises none)
+    shown = warnings.showwarning
+    if not getattr(shown, "streamlift_quiet", False):
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, quiet) and ("site-packages" in str(filename) or "dist-packages" in str(filename)):
+                return
+            shown(message, category, filename, lineno, file, line)
+
+        showwarning.streamlift_quiet = True
+        warnings.showwarning = showwarning
+    # the Python processes Flink starts inherit this environment (module patterns cannot be named here)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
 
 

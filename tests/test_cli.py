@@ -42,3 +42,15 @@ def test_pyproject_packages_what_the_commands_need():
     assert exe.exists()
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "commands:" in r.stdout
+
+
+def test_entry_points_silence_other_libraries_warnings_and_keep_the_projects():
+    """Feast's imports put ``simplefilter("always")`` in front of any filter: without the entry
+    point's quieting, importing PyFlink's table API after Feast prints its deprecation warnings."""
+    code = ("import warnings\n{quiet}import feast\nimport pyflink.table\n"
+            "warnings.warn('streamlift: own warning')\n")
+    loud = subprocess.run([sys.executable, "-c", code.format(quiet="")], capture_output=True, text=True, cwd=ROOT)
+    assert "DeprecationWarning" in loud.stderr                    # the test can fail
+    quiet = "from jobs.config import quiet_third_party_warnings\nquiet_third_party_warnings()\n"
+    r = subprocess.run([sys.executable, "-c", code.format(quiet=quiet)], capture_output=True, text=True, cwd=ROOT)
+    assert "DeprecationWarning" not in r.stderr and "streamlift: own warning" in r.stderr, r.stderr[-2000:]
