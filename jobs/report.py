@@ -197,22 +197,18 @@ def plot_survival(out, delay):
     latest = delay.sort_values("version").groupby(["campaign_id", "arm"], dropna=False).tail(1) if len(delay) else delay
     for k, c in enumerate(sorted(out.campaign_id.unique())[:6]):
         m = (out.campaign_id == c).to_numpy()
-        km = KaplanMeierFitter().fit(dur[m], conv.to_numpy()[m])
         color = f"C{k}"
-        km.survival_function_.plot(ax=ax, color=color, legend=False, drawstyle="steps-post")
-        row = latest[(latest.campaign_id == c) & latest.arm.isna()] if len(latest) else latest
-        if len(row):
-            r = row.iloc[-1]
-            p = r.conversion_prob
-            tt = np.linspace(0, dur[m].max(), 200)
+        km = KaplanMeierFitter(label=c).fit(dur[m], conv.to_numpy()[m])
+        sf = km.survival_function_
+        ax.step(sf.index, sf[c], where="post", color=color, label=c)
+        rows = latest[latest.campaign_id == c] if len(latest) else latest
+        if len(rows):                              # one latency per campaign, p per arm: mix by arm share
+            arms = out[m].arm.value_counts(normalize=True)
+            p = float(sum(arms.get(r.arm, 0.0) * r.conversion_prob for r in rows.itertuples()))
+            r = rows.iloc[0]
             shape = r.weibull_shape if r.family == "weibull" and pd.notna(r.weibull_shape) else 1.0
-            cdf = 1 - np.exp(-((r.delay_rate_per_hour * tt) ** shape))
-            # the conversion probability of the campaign's treatment arm, if per arm
-            arm = latest[(latest.campaign_id == c) & (latest.arm == "treatment")]
-            if len(arm):
-                p = arm.iloc[-1].conversion_prob
-            ax.plot(tt, 1 - p * cdf, color=color, ls="--")
-        ax.plot([], [], color=color, label=c)
+            tt = np.linspace(0, dur[m].max(), 200)
+            ax.plot(tt, 1 - p * (1 - np.exp(-((r.delay_rate_per_hour * tt) ** shape))), color=color, ls="--")
     ax.plot([], [], color="#333", ls="--", label="fitted model")
     ax.set_xlabel("hours since the decision")
     ax.set_ylabel("P(not converted yet)")
