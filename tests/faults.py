@@ -36,8 +36,10 @@ def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed:
                    parallelism: int = 2, slots: int = 4, max_delay: float = 4.0, timeout: float = 600) -> dict:
     """Submit ``job`` and SIGKILL a random TaskManager (on a one-TaskManager cluster: the one that
     runs the job) until ``kills`` kills made the job restart, each a random delay in
-    [0.2, ``max_delay``] s after the job is running again; a new TaskManager replaces each. The log
-    gives, per kill, the checkpoints completed by then (a kill after a newer one restores from it). Returns the kills' log and the exit."""
+    [0.2, ``max_delay``] s after the job is running again, the last one 0–0.3 s after the first
+    checkpoint completed since the restore (so a mid-run checkpoint is restored however loaded
+    the machine is); a new TaskManager replaces each. The log gives, per kill, the
+    checkpoints completed by then. Returns the kills' log and the exit."""
     rng = random.Random(seed)
     name = f"streamlift-{job}"
     proc = cluster.submit(job, str(input_dir), str(data_dir), parallelism=parallelism,
@@ -58,7 +60,17 @@ def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed:
                 180, f"job running again before kill {i}")
             if st["state"] != "RUNNING":
                 break
-            delay = rng.uniform(0.2, max_delay)
+            if sum(k["restarted"] for k in log) == kills - 1:
+                # the last kill waits for a checkpoint completed since the restore, and comes right
+                # after it: a restore from a mid-run checkpoint is exercised whatever the load
+                ck = st["checkpoints"]
+                st = _wait(lambda: (s := cluster.job_status(name)) and (
+                    s["checkpoints"] > ck or s["state"] != "RUNNING") and s, 180, f"checkpoint before kill {i}")
+                if st["state"] != "RUNNING":
+                    break
+                delay = rng.uniform(0.0, 0.3)
+            else:
+                delay = rng.uniform(0.2, max_delay)
             time.sleep(delay)
             st = cluster.job_status(name)
             if st["state"] != "RUNNING":

@@ -25,6 +25,9 @@ KILLS = 5
 #: hours of event time (~100 model versions, each written to the store and to Iceberg) gives its
 #: kills a run to land in, and more outputs to compare
 LEARNER_ENV = {"STREAMLIFT_LEARNER__SNAPSHOT_EVERY": "2h"}
+#: likewise an Iceberg commit every two hours of event time for the outcomes job (~110 epochs)
+OUTCOMES_ENV = {"STREAMLIFT_OUTCOMES__COMMIT_EVERY": "2h"}
+JOB_ENV = {"features": {}, "outcomes": OUTCOMES_ENV, "learner": LEARNER_ENV}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +55,12 @@ def stream(tmp_path_factory):
 def clean(fault_cluster, stream, tmp_path_factory):
     """Uninterrupted runs of the three jobs, chained: features -> outcomes, features -> learner."""
     root = tmp_path_factory.mktemp("clean")
-    with pytest.MonkeyPatch.context() as mp:
-        for job, inp in (("features", stream), ("outcomes", root / "features"), ("learner", root / "features")):
-            if job == "learner":
-                for k, v in LEARNER_ENV.items():
-                    mp.setenv(k, v)
+    for job, inp in (("features", stream), ("outcomes", root / "features"), ("learner", root / "features")):
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in JOB_ENV[job].items():
+                mp.setenv(k, v)
             r = fault_cluster.submit(job, str(inp), str(root / job), parallelism=2)
-            assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stderr[-3000:]
     return root
 
 
@@ -86,9 +88,12 @@ def test_features_job_killed_five_times_writes_what_an_uninterrupted_run_writes(
         pd.testing.assert_frame_equal(a[kt], b[kt], check_exact=True, obj=kt)
 
 
-def test_outcomes_job_killed_five_times_commits_the_tables_of_an_uninterrupted_run(fault_cluster, clean, tmp_path):
+def test_outcomes_job_killed_five_times_commits_the_tables_of_an_uninterrupted_run(fault_cluster, clean, tmp_path,
+                                                                                   monkeypatch):
     from test_outcomes_job import epoch_history, table_snapshot
 
+    for k, v in OUTCOMES_ENV.items():
+        monkeypatch.setenv(k, v)
     out = tmp_path / "outcomes"
     res = _killed(fault_cluster, "outcomes", clean / "features", out)
     got, want = table_snapshot(cfg_for(out)), table_snapshot(cfg_for(clean / "outcomes"))

@@ -13,9 +13,14 @@ pytestmark = pytest.mark.slow
 
 
 def cfg_for(data_dir):
+    """The configuration of a run in ``data_dir`` (streamlift.yaml; of the environment only the
+    outcomes job's data-quality switch, which conftest.py turns off by default)."""
+    import os
+
     from jobs.config import load
 
-    return load(env={"STREAMLIFT_PATHS__DATA_DIR": str(data_dir)})
+    return load(env={"STREAMLIFT_PATHS__DATA_DIR": str(data_dir),
+                     "STREAMLIFT_OUTCOMES__DATA_QUALITY": os.environ.get("STREAMLIFT_OUTCOMES__DATA_QUALITY", "true")})
 
 
 @pytest.fixture(scope="module")
