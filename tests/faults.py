@@ -60,7 +60,8 @@ def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed:
                 180, f"job running again before kill {i}")
             if st["state"] != "RUNNING":
                 break
-            if sum(k["restarted"] for k in log) == kills - 1:
+            waited = sum(k["restarted"] for k in log) == kills - 1
+            if waited:
                 # the last kill waits for a checkpoint completed since the restore, and comes right
                 # after it: a restore from a mid-run checkpoint is exercised whatever the load
                 ck = st["checkpoints"]
@@ -84,7 +85,7 @@ def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed:
                 120, f"restart after kill {i}")
             # a kill after the last task finished (the job only committing) restarts nothing
             log.append({"kill": i, "delay_s": round(delay, 2), "pid": victim, "checkpoints": st["checkpoints"],
-                        "restarted": after["restarts"] > st["restarts"]})
+                        "after_checkpoint": waited, "restarted": after["restarts"] > st["restarts"]})
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
         proc.kill()
