@@ -93,8 +93,9 @@ def crash_and_restart(args, data, checkpoints, first, rest, folder, ready, done,
     return seen
 
 
-def wait_for(cond, timeout=120):
-    """Poll ``cond`` until it returns something truthy; that value, or AssertionError on timeout."""
+def wait_for(cond, timeout=120, what="timed out", every=0.5):
+    """Poll ``cond`` every ``every`` s until it returns something truthy; that value, or
+    AssertionError(``what``) on timeout."""
     import time
 
     deadline = time.time() + timeout
@@ -102,8 +103,8 @@ def wait_for(cond, timeout=120):
         got = cond()
         if got:
             return got
-        time.sleep(0.5)
-    raise AssertionError("timed out")
+        time.sleep(every)
+    raise AssertionError(what)
 
 
 def completed_checkpoints(data, folder="checkpoints"):

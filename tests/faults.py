@@ -13,6 +13,8 @@ import random
 import signal
 import time
 
+from conftest import wait_for
+
 #: cluster settings for fault runs: a killed TaskManager is noticed within seconds
 FAULT_CONF = {"heartbeat.interval": 1000, "heartbeat.timeout": 10000}
 #: job settings for fault runs: checkpoints every second, enough restarts for every kill
@@ -23,13 +25,7 @@ FAULT_OPTS = ["-Dexecution.checkpointing.interval=1s", "-Dexecution.checkpointin
 
 
 def _wait(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise TimeoutError(what)
+    return wait_for(cond, timeout, what, every=0.2)
 
 
 def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed: int = 0,
