@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -585,8 +586,22 @@ def main(argv=None) -> None:
         return {"events": n, "wall_seconds": round(wall, 2), "events_per_second": round(n / wall),
                 "net_events_per_second": round(n / net) if net > 1.0 else None}
 
+    reported = set(results)
+
     def save():
+        """Write the results so far, and say on stderr which runs just finished (a long bench is
+        never silent; each job also prints progress lines on a terminal: jobs/progress.py)."""
         (out / "features.json").write_text(json.dumps(results, indent=2))
+        for k in [k for k in results if k not in reported]:
+            reported.add(k)
+            v = results[k]
+            rate = v.get("events_per_second") or v.get("examples_per_second") if isinstance(v, dict) else None
+            wall = v.get("wall_seconds") if isinstance(v, dict) else None
+            print(f"bench: {k} done" + (f", {rate:,}/s" if rate else "") + (f" in {wall} s" if wall else ""),
+                  file=sys.stderr, flush=True)
+
+    print(f"bench: {args.events:,} events in {sim}; start-up of an empty job {startup:.1f} s", file=sys.stderr,
+          flush=True)
 
     handoff = out / "run-features-no-online"
     if args.only in ("all", "features") or not (handoff / "handoff").exists():

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -150,6 +151,43 @@ def job_status(name: str) -> dict | None:
             "started_ms": min(starts) if starts and min(starts) > 0 else None}
 
 
+def job_metrics(name: str, group: str = "streamlift") -> dict:
+    """The jobs' own metrics (:class:`jobs.flink_env.JobMetrics`) of the newest job called ``name``,
+    through the REST API: {operator: {metric: value summed over subtasks}}; a counter per reason
+    is ``reason.<reason>.<metric>``. Gauges of several subtasks are summed too (one subtask each
+    for the jobs' gauges but the writers')."""
+    st = job_status(name)
+    if st is None:
+        return {}
+    jid = st["jid"]
+    out: dict = {}
+    for v in _get(f"/jobs/{jid}")["vertices"]:
+        ids = [m["id"] for m in _get(f"/jobs/{jid}/vertices/{v['id']}/metrics")]
+        ours = [i for i in ids if f".{group}." in i]
+        for k in range(0, len(ours), 40):                 # ?get= takes a list; keep URLs short
+            chunk = ours[k:k + 40]
+            q = urllib.parse.quote(",".join(chunk), safe=",")
+            for m in _get(f"/jobs/{jid}/vertices/{v['id']}/metrics?get={q}"):
+                head, metric = m["id"].split(f".{group}.", 1)
+                operator = head.split(".", 1)[1] if "." in head else head    # "<subtask>.<operator>"
+                try:
+                    value = float(m["value"])
+                except (TypeError, ValueError):
+                    continue
+                ops = out.setdefault(operator, {})
+                ops[metric] = ops.get(metric, 0.0) + value
+    return out
+
+
+def cancel(name: str) -> None:
+    """Cancel the newest running job called ``name`` (REST ``PATCH /jobs/<id>``)."""
+    st = job_status(name)
+    if st is None or st["state"] in ("FINISHED", "CANCELED", "FAILED"):
+        return
+    req = urllib.request.Request(f"{REST}/jobs/{st['jid']}?mode=cancel", method="PATCH")
+    urllib.request.urlopen(req, timeout=5).close()
+
+
 def down() -> None:
     home = flink_home()
     env = _env()
@@ -183,7 +221,7 @@ def main(argv=None) -> None:
 
     quiet_third_party_warnings()
     p = argparse.ArgumentParser(description="standalone Flink cluster")
-    p.add_argument("action", choices=["up", "down", "submit", "status"])
+    p.add_argument("action", choices=["up", "down", "submit", "status", "metrics"])
     p.add_argument("--job", default="features")
     p.add_argument("--input")
     p.add_argument("--data-dir")
@@ -195,6 +233,8 @@ def main(argv=None) -> None:
         print(json.dumps(up(taskmanagers=a.taskmanagers, slots=a.slots)))
     elif a.action == "down":
         down()
+    elif a.action == "metrics":         # the job's own metrics, as the web UI shows them
+        print(json.dumps(job_metrics(f"streamlift-{a.job}"), indent=2))
     elif a.action == "status":
         print(json.dumps(rest_ready()))
     else:

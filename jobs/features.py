@@ -102,7 +102,10 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         def open(self, runtime_context):
             from udfs.privacy import FORGET_FILE, ForgetList
 
+            from jobs.flink_env import JobMetrics
+
             self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
+            self.metrics = JobMetrics(runtime_context)
 
         def flat_map(self, value):
             from jobs.sinks import record_source_fault
@@ -112,7 +115,10 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
                                       self.forget)
             except (ValueError, KeyError, TypeError) as e:    # a manifest line that cannot be read: data
                 record_source_fault(cfg, f"source:bad_manifest:{type(e).__name__}", str(value))
+                self.metrics.inc("events_in")
+                self.metrics.inc("quarantined", reason="source")
                 return
+            self.metrics.inc("slices_read")
             for shard, blob in parts:
                 yield keys[shard], blob
 
@@ -176,7 +182,23 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     class Merge(KeyedProcessFunction):
         def open(self, ctx):
+            from jobs.flink_env import JobMetrics
+
             self.state = ctx.get_map_state(MapStateDescriptor("parts", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+            self.metrics = JobMetrics(ctx)
+
+        def _observe(self, stats):
+            m = self.metrics
+            m.inc("slices")
+            m.inc("events_in", sum(stats["in"].values()))
+            m.inc("events_processed", sum(stats["processed"].values()))
+            m.inc("enriched_out", stats["enriched"])
+            m.inc("offline_rows", sum(stats["offline_rows"].values()))
+            for reason, n in stats["quarantined"].items():
+                m.inc("quarantined", n)
+                m.inc("quarantined", n, reason=reason)
+            m.set("last_slice_seq", stats["seq"])
+            m.set("pending", stats["pending"])
 
         def process_element(self, value, ctx):
             from jobs.sinks import write_slice_files
@@ -196,6 +218,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             out = merge_slice(spec, parts[:p], parts[p:])
             out.counts["timing"]["merge_s"] = round(time.thread_time() - t0, 3)
             stats = write_slice_files(cfg, out)
+            self._observe(stats)
             for n in names:
                 self.state.remove(n)
             yield json.dumps(stats)
@@ -205,14 +228,22 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
         def open(self, ctx):
             from jobs.feast_store import open_store
+            from jobs.flink_env import JobMetrics
 
             self.store = open_store(cfg, apply=False)
+            self.metrics = JobMetrics(ctx)
 
         def map(self, value):
             from jobs.sinks import write_online_frames
 
             seq, shard, online = pickle.loads(value[1])
-            return json.dumps(write_online_frames(cfg, self.store, seq, online, shard=shard))
+            stats = write_online_frames(cfg, self.store, seq, online, shard=shard)
+            self.metrics.inc("online_rows", sum(stats["online_rows"].values()))
+            fresh = stats.get("freshness_s")
+            if fresh:                        # fold -> readable online, of this write
+                self.metrics.set("freshness_p50_ms", fresh["p50"] * 1000)
+                self.metrics.set("freshness_p99_ms", fresh["p99"] * 1000)
+            return json.dumps(stats)
 
     manifests = group(line_source(env, Path(input_dir) / "manifest", follow, "slice-manifests"), "read")
     parts = group(manifests.flat_map(ReadValidate(), output_type=keyed)
@@ -254,7 +285,10 @@ def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | No
     t0 = time.time()
     env = job_env(cfg, checkpoint_dir=data / "checkpoints", overrides=overrides)
     terminate(build(env, cfg, input_dir, follow))
-    env.execute("streamlift-features")
+    from jobs.progress import Progress, count_lines
+
+    with Progress("features", data, None if follow else count_lines(Path(input_dir) / "manifest")):
+        env.execute("streamlift-features")
     wall = time.time() - t0
     summary = summarize(cfg)
     summary["wall_seconds"] = round(wall, 2)

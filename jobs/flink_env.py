@@ -15,7 +15,41 @@ from jobs.config import ROOT, Config
 
 __all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate",
            "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER", "parallelism",
-           "on_cluster", "shard_keys", "flink_subtask_of", "stage_function", "record_error"]
+           "on_cluster", "shard_keys", "flink_subtask_of", "stage_function", "record_error", "JobMetrics",
+           "METRIC_GROUP"]
+
+#: the metric group of every streamlift metric (Flink's scope: <subtask>.<operator>.streamlift.<name>)
+METRIC_GROUP = "streamlift"
+
+
+class JobMetrics:
+    """The operator's metrics, through PyFlink's metric group (``python.metric.enabled``): in the
+    Flink web UI and REST API as ``<subtask>.<operator>.streamlift.<name>``, and
+    ``….streamlift.reason.<reason>.<name>`` for a counter per reason. Counters are made on first
+    use; a gauge reports the last value set. Without metrics (disabled) every call is a no-op."""
+
+    def __init__(self, runtime_context):
+        try:
+            self.group = runtime_context.get_metrics_group().add_group(METRIC_GROUP)
+        except Exception:                            # noqa: BLE001 - python.metric.enabled: false
+            self.group = None
+        self.counters, self.values = {}, {}
+
+    def inc(self, name: str, n: int = 1, reason: str | None = None) -> None:
+        if self.group is None or not n:
+            return
+        key = (name, reason)
+        if key not in self.counters:
+            g = self.group if reason is None else self.group.add_group("reason", str(reason))
+            self.counters[key] = g.counter(name)
+        self.counters[key].inc(int(n))
+
+    def set(self, name: str, value) -> None:
+        if self.group is None or value is None:
+            return
+        if name not in self.values:
+            self.group.gauge(name, lambda: self.values[name])
+        self.values[name] = int(value)
 
 #: the event-time timer jobs flush on: it fires only when the final watermark passes (bounded input ended)
 END_OF_INPUT_TIMER = 2 ** 62
@@ -121,7 +155,7 @@ def record_error(data_dir: Path, where: str) -> str:
 
 
 def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush_at_end: bool = False,
-                   errors_dir: Path | None = None, watch=None):
+                   errors_dir: Path | None = None, watch=None, observe=None):
     """A keyed function running one :class:`udfs.stage.SliceStage` per key (shard), its state a
     MapState of the stage's :meth:`state_delta` entries.
 
@@ -133,7 +167,8 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
     :func:`record_error`) before Flink fails the task (and restarts it, up to its restart strategy).
     ``watch(stage, now) -> seconds | None``, called after each element and again when the
     processing-time timer it asked for fires: a check that must run on an idle stream too
-    (the features job's alert on a gap in slice numbers).
+    (the features job's alert on a gap in slice numbers). ``observe(stage, outputs, metrics)``,
+    called after each element and flush, updates the operator's :class:`JobMetrics`.
     """
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
@@ -144,6 +179,11 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
             self.state = ctx.get_map_state(MapStateDescriptor(state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.stages = {}
             self.subtask = ctx.get_index_of_this_subtask()
+            self.metrics = JobMetrics(ctx) if observe is not None else None
+
+        def _observe(self, stage, outs):
+            if observe is not None:
+                observe(stage, outs, self.metrics)
 
         def _stage(self, key):
             if key not in self.stages:
@@ -169,6 +209,7 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
                 stage = self._stage(ctx.get_current_key())
                 timing = {f"{state_name}_subtask:{getattr(stage, 'shard', 0)}": self.subtask}
                 outs = take(stage, value[1], timing)
+                self._observe(stage, outs)
                 if flush_at_end:
                     ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
                 out = list(self._out(outs, timing))
@@ -196,7 +237,9 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
                 if timestamp != END_OF_INPUT_TIMER:        # a watch's processing-time timer
                     self._watch(stage, ctx)
                     return
-                out = list(self._out(stage.flush(), {}))
+                outs = stage.flush()
+                self._observe(stage, outs)
+                out = list(self._out(outs, {}))
                 self._persist(stage)
             except Exception:
                 if errors_dir is not None:
@@ -247,7 +290,10 @@ def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | 
     t0 = time.time()
     env = job_env(cfg, checkpoint_dir=cfg.data_dir / f"checkpoints-{name}", overrides=overrides)
     terminate(build(env, cfg, input_dir, follow))
-    env.execute(f"streamlift-{name}")
+    from jobs.progress import Progress, count_lines
+
+    with Progress(name, cfg.data_dir, None if follow else count_lines(input_dir / "handoff")):
+        env.execute(f"streamlift-{name}")
     summary = summarize(cfg)
     summary["wall_seconds"] = round(time.time() - t0, 2)
     return summary

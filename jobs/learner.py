@@ -171,13 +171,22 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 
     class Publish(MapFunction):
         def open(self, ctx):
+            from jobs.flink_env import JobMetrics
             from jobs.iceberg_store import open_tables
 
             self.table = open_tables(cfg)["learner_metrics"]
+            self.metrics = JobMetrics(ctx)
 
         def map(self, value):
             snap, timing = pickle.loads(value)
-            return json.dumps(publish_snapshot(cfg, self.table, snap, timing))
+            stats = publish_snapshot(cfg, self.table, snap, timing)
+            m = self.metrics
+            m.inc("snapshots")
+            m.inc("decisions_learned", timing.get("decisions", 0))
+            m.inc("unsafe_snapshots", 0 if snap.safe else 1)
+            m.set("model_version", snap.version)
+            m.set("model_clock_ms", snap.clock)
+            return json.dumps(stats)
 
     lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
     read = (lines.flat_map(Read(), output_type=Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()]))

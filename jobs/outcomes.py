@@ -110,7 +110,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     import pickle
 
     from pyflink.common import Types
-    from pyflink.datastream import FlatMapFunction
+    from pyflink.datastream import FlatMapFunction, MapFunction
 
     from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
     from jobs.iceberg_store import last_epoch, write_day_files
@@ -178,6 +178,50 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             lp.counts = {**lp.counts, "write_s": round(time.perf_counter() - t0, 3)}
         yield None, (0, pickle.dumps(lp, protocol=5))
 
+    def shard_observe(stage, outs, metrics):
+        if stage.clock is not None:
+            metrics.set("event_clock_ms", stage.clock)
+            if stage.last_epoch is not None:       # event time the input is ahead of the last cut epoch
+                metrics.set("epoch_lag_ms", stage.clock - stage.last_epoch)
+
+    class EpochQuality(MapFunction):
+        """After each committed epoch: the job's counters, and (outcomes.data_quality) the epoch
+        suites on the rows it committed. A broken expectation is counted, alerted and written to
+        dq_results_v1; the data stays, and the job goes on."""
+
+        def open(self, ctx):
+            from jobs.flink_env import JobMetrics
+
+            self.metrics = JobMetrics(ctx)
+
+        def map(self, line):
+            stats = json.loads(line)
+            m = self.metrics
+            committed = stats.get("committed", {}).get("outcome")
+            if committed:
+                m.inc("epochs_committed")
+                m.inc("rows_committed", stats.get("rows", 0))
+                m.inc("quarantined", stats.get("quarantined", 0))
+                m.set("last_epoch_ms", stats["epoch"])
+                m.set("interim_rows", stats.get("interim", 0))
+            if committed and cfg.outcomes.get("data_quality", True):
+                from jobs.dq import validate_epoch
+                from jobs.sinks import record_alert
+
+                dq = validate_epoch(cfg, stats["epoch"])
+                m.inc("dq_runs")
+                m.inc("dq_broken", dq["failed"])
+                stats["data_quality"] = {"success": dq["success"], "failed": dq["failed"], "run_id": dq["run_id"]}
+                from jobs.sinks import atomic_write
+
+                atomic_write(stats_dir(cfg) / f"dq-{stats['epoch']}.json", json.dumps(dq, default=str).encode())
+                if not dq["success"]:
+                    broken = [f"{n}: {f['expectation']} {f['column']}" for n, r in dq["suites"].items()
+                              for f in r["failed"]]
+                    record_alert(cfg, "data-quality", {"seq": stats["epoch"], "run_id": dq["run_id"],
+                                                       "broken": broken})
+            return json.dumps(stats)
+
     def commit_take(stage, blob, timing):
         lp = pickle.loads(blob)
         return stage.offer(lp.index, lp.shard, lp)
@@ -190,7 +234,8 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
              .set_parallelism(p))
     cut = (parts.key_by(lambda t: t[0], key_type=Types.INT())
            .process(stage_function("outcomes", OutcomeShard, lambda k: template.shard_params(shard_of_key[k]),
-                                   shard_take, shard_emit, flush_at_end=True, errors_dir=cfg.data_dir),
+                                   shard_take, shard_emit, flush_at_end=True, errors_dir=cfg.data_dir,
+                                   observe=shard_observe),
                     output_type=keyed())
            .name("outcome-shard").uid("outcome-shard").set_parallelism(p))
     labelled = (cut.key_by(lambda t: t[0], key_type=Types.INT())
@@ -198,11 +243,13 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
                                         lambda k: template.labeller_params(shard_of_key[k]),
                                         label_take, label_emit, errors_dir=cfg.data_dir), output_type=keyed())
                 .name("label-write").uid("label-write").set_parallelism(p))
-    return (labelled.key_by(lambda t: t[0], key_type=Types.INT())
-            .process(stage_function("committer", EpochCommitter, lambda k: {"shards": p},
-                                    commit_take, commit_emit, errors_dir=cfg.data_dir),
-                     output_type=Types.STRING())
-            .name("commit").uid("commit").set_parallelism(1))
+    committed = (labelled.key_by(lambda t: t[0], key_type=Types.INT())
+                 .process(stage_function("committer", EpochCommitter, lambda k: {"shards": p},
+                                         commit_take, commit_emit, errors_dir=cfg.data_dir),
+                          output_type=Types.STRING())
+                 .name("commit").uid("commit").set_parallelism(1))
+    return committed.map(EpochQuality(), output_type=Types.STRING()).name("epoch-quality") \
+        .uid("epoch-quality").set_parallelism(1)
 
 
 def summarize(cfg: Config) -> dict:
@@ -220,8 +267,10 @@ def summarize(cfg: Config) -> dict:
     warnings = stream_warnings(table.scan(selected_fields=cols).to_arrow(), last.get("totals"))
     for w in warnings:
         print(f"outcomes: warning: {w}", file=sys.stderr)
+    epoch_dq = [json.loads(f.read_text()) for f in stats_dir(cfg).glob("dq-*.json")]
     return {"epochs": len(epochs), "last_epoch": last["epoch"], "totals": last.get("totals"),
             "warnings": warnings,
+            "epoch_data_quality": {"epochs_checked": len(epoch_dq), "failed": sum(d["failed"] for d in epoch_dq)},
             "rows_last_epoch": last["rows"], "interim": last["interim"], "final": last["final"],
             "commit_seconds": round(sum(e["timing"]["commit_s"] for e in epochs), 2),
             "engine_seconds": round(sum(e.get("engine_s", 0) for e in epochs), 2),

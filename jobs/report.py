@@ -3,7 +3,7 @@
     python -m jobs.report --data-dir data/demo/run [--out report.html]
 
 Plots (matplotlib, PNG embedded as data URIs: the page needs no other file):
-input and quarantine by reason per slice; CTR reliability diagram and AUC by model version;
+input and quarantine by reason per slice; feature freshness (fold -> readable online) per slice; CTR reliability diagram and AUC by model version;
 Qini curves of both uplift learners against random targeting; per-campaign treatment effects
 with 95 % intervals; Kaplan–Meier conversion-delay curves per campaign against the fitted delay
 model; interim and final conversion rate per cohort day; drift per snapshot against its
@@ -99,6 +99,29 @@ def plot_throughput(cfg):
     ax.set_yscale("symlog")
     ax.legend(fontsize=7, ncol=3)
     return fig, "Input and quarantine by reason per slice"
+
+
+def plot_freshness(cfg):
+    """Fold -> readable in Feast online, per slice (the online writers' p50/p99/max)."""
+    fig, ax = _fig()
+    stats = [json.loads(f.read_text()) for f in sorted((cfg.data_dir / "stats").glob("online-*.json"))]
+    stats = [s for s in stats if s.get("freshness_s")]
+    if not stats:
+        _empty(ax, "no online writes with freshness (features.write_online off, or no features run)")
+        return fig, "Feature freshness"
+    by_seq = {}
+    for s in stats:                                   # shards of one slice: the worst of them
+        cur = by_seq.setdefault(s["seq"], {"p50": 0.0, "p99": 0.0, "max": 0.0})
+        for k in cur:
+            cur[k] = max(cur[k], s["freshness_s"][k])
+    seq = sorted(by_seq)
+    for k, style in (("p50", "-"), ("p99", "--"), ("max", ":")):
+        ax.plot(seq, [by_seq[q][k] for q in seq], style, label=k, color="#333" if k == "p50" else "C3")
+    ax.set_xlabel("slice")
+    ax.set_ylabel("seconds, fold -> readable online")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return fig, "Feature freshness: time from folding an event to its value being readable in Feast"
 
 
 def plot_calibration(cfg, out, scores):
@@ -320,7 +343,7 @@ def build_report(cfg: Config, out_path: Path | None = None) -> Path:
         out = _table(cfg, "outcome")
         delay = _table(cfg, "delay_model")
         scores = _scores(cfg)
-        plots = [plot_throughput(cfg), plot_calibration(cfg, out, scores), plot_qini(out, scores), plot_ate(cfg),
+        plots = [plot_throughput(cfg), plot_freshness(cfg), plot_calibration(cfg, out, scores), plot_qini(out, scores), plot_ate(cfg),
                  plot_survival(out, delay), plot_cohorts(out), plot_drift(cfg), plot_ope(out), plot_dq(cfg)]
     figures = "\n".join(
         f'<figure{_empty_attr(fig)}><figcaption>{html.escape(title)}</figcaption>'

@@ -401,3 +401,33 @@ def test_every_data_quality_suite_passes_on_the_jobs_tables(pipeline, monkeypatc
 
     again = run(cfg_for(cfg.data_dir))              # a replay: nothing new, the suites run again
     assert again["data_quality"]["success"] and again["data_quality"]["failed"] == 0
+
+
+def test_data_quality_runs_after_each_committed_epoch(pipeline, tmp_path, monkeypatch):
+    """With ``outcomes.data_quality`` the epoch suites run in the job after every commit, on the
+    rows that epoch committed (results under ``<suite>@epoch``, one run per epoch, the rates
+    against the previous epoch's), and the whole-table suites once at the end."""
+    from jobs.analyst import read_table
+    from jobs.outcomes import run
+    from test_job import cfg_for
+
+    cfg, _, _, _ = pipeline
+    monkeypatch.setenv("STREAMLIFT_OUTCOMES__DATA_QUALITY", "true")
+    fresh = cfg_for(tmp_path / "run")
+    res = run(fresh, input_dir=cfg.data_dir)
+    committed = [json.loads(p.read_text()) for p in (fresh.data_dir / "outcomes").glob("epoch-*.json")]
+    committed = [e["epoch"] for e in committed if e["committed"]["outcome"]]
+    assert len(committed) >= 3
+    per_epoch = sorted(int(p.stem[3:]) for p in (fresh.data_dir / "outcomes").glob("dq-*.json"))
+    assert per_epoch == sorted(committed)
+    assert res["epoch_data_quality"] == {"epochs_checked": len(committed), "failed": 0}, res
+    assert res["data_quality"]["success"], res["data_quality"]
+    dq = read_table(fresh, "dq_result")
+    ep = dq[dq.suite.str.endswith("@epoch")]
+    assert set(ep.suite) == {"outcomes_v1@epoch", "delay_models_v1@epoch"}
+    assert ep.run_id.nunique() == len(committed) and ep.success.all()
+    # the mean label of each epoch after the first is bounded by the previous epoch's
+    rel = ep[(ep.expectation == "expect_column_mean_to_be_between") & (ep.column == "conversion_label")]
+    bounded = [json.loads(k)["max_value"] for k in rel.kwargs]
+    assert len(rel) == len(committed) and sum(b is not None and b != float("inf") for b in bounded) >= len(committed) - 1
+    assert set(dq.suite) >= {"outcomes_v1", "delay_models_v1"}             # the end-of-run suites

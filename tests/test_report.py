@@ -31,14 +31,14 @@ def test_a_run_without_tables_still_gives_a_page_with_every_plot_placeholder(tmp
 
     page = build_report(cfg_for(tmp_path / "empty"))
     text = page.read_text()
-    assert text.count("<img") == 9 and text.count("data-empty=") == 9
+    assert text.count("<img") == 10 and text.count("data-empty=") == 10
     got = open_in_chromium(page)
-    assert got == {"plots": "9/9", "errors": []}, got
+    assert got == {"plots": "10/10", "errors": []}, got
 
 
 @pytest.mark.slow
 def test_report_of_a_real_run_renders_every_plot_in_chromium(tmp_path):
-    """Features, outcomes and learner jobs on a small stream, then the report: nine plots, each
+    """Features, outcomes and learner jobs on a small stream, then the report: ten plots, each
     from the run's data (none of the placeholders), rendered with no errors; screenshot kept."""
     from jobs.features import run as run_features
     from jobs.learner import run as run_learner
@@ -59,8 +59,8 @@ def test_report_of_a_real_run_renders_every_plot_in_chromium(tmp_path):
     page = tmp_path / "report.html"
     assert main(["--data-dir", str(cfg.data_dir), "--out", str(page)]) == 0
     text = page.read_text()
-    assert text.count("<img") == 9 and "data-empty=" not in text, re.findall(r'data-empty="[^"]*"', text)
+    assert text.count("<img") == 10 and "data-empty=" not in text, re.findall(r'data-empty="[^"]*"', text)
     shot = tmp_path / "report.png"
     got = open_in_chromium(page, shot)
-    assert got == {"plots": "9/9", "errors": []}, got
+    assert got == {"plots": "10/10", "errors": []}, got
     assert shot.stat().st_size > 50_000

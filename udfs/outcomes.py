@@ -271,6 +271,12 @@ def _init(previous: dict, key, what: str):
     return getattr(m, "inits_", {}).get(what)
 
 
+#: the global delay fit's weak prior: a mean delay of W / 4 (4 means per window: ~2 % of an exponential's
+#: delays beyond the attribution window), worth 1 pseudo-observation on log λ
+DELAY_PRIOR_MEANS_PER_WINDOW = 4.0
+DELAY_PRIOR_PRECISION = 1.0
+
+
 def fit_delay_models(stats: dict, previous: dict, prior_strength: float, window_ms: int, version: int,
                      clock: int, families=("exponential", "weibull")) -> tuple[dict, pa.Table]:
     """Delay models from the summed statistics (keys ``(campaign, arm)``); returns
@@ -291,7 +297,14 @@ def fit_delay_models(stats: dict, previous: dict, prior_strength: float, window_
     keys = sorted(stats)
     camps = sorted({c for c, _ in keys})
     g_data = _fit_data(stats, keys, {}, W_h)
-    g_fits = {f: make_model(f).fit(*g_data[:4], init=_init(previous, GLOBAL, ("global", f))) for f in families}
+    # A weak prior on the global delay scale (mean delay W/4, DELAY_PRIOR_PRECISION pseudo-observations
+    # on log λ): early in a stream every decision is young and only p·λ is identified; without it the
+    # first epochs' fits ran to p = 1 with a mean delay of ~1000 h, and their interim labels to 3× the
+    # rate (caught by the per-epoch data-quality check). With matured data its pull vanishes.
+    g_prior = {"prior": (0.0, float(np.log(DELAY_PRIOR_MEANS_PER_WINDOW / W_h))),
+               "prior_precision": (0.0, DELAY_PRIOR_PRECISION)} if np.any(g_data[0]) else {}
+    g_fits = {f: make_model(f, **g_prior).fit(*g_data[:4], init=_init(previous, GLOBAL, ("global", f)))
+              for f in families}
     g = g_fits[select_family(g_fits)]
     g.inits_ = {("global", f): m.theta_ for f, m in g_fits.items()}
     g.arms_ = []
