@@ -100,7 +100,9 @@ def up(timeout: float = 90, taskmanagers: int = 1, slots: int | None = None,
     deadline = time.time() + timeout
     while True:
         ov = rest_ready(max(0.0, deadline - time.time()))
-        if ov is not None and ov.get("taskmanagers", 0) >= taskmanagers:
+        # a TaskManager is counted before its slots are: wait for both
+        if ov is not None and ov.get("taskmanagers", 0) >= taskmanagers and \
+                ov.get("slots-total", 0) >= taskmanagers * (slots or 1):
             return ov
         if time.time() >= deadline:
             raise RuntimeError(f"Flink cluster did not come up with {taskmanagers} TaskManagers within "
@@ -151,11 +153,11 @@ def job_status(name: str) -> dict | None:
             "started_ms": min(starts) if starts and min(starts) > 0 else None}
 
 
-def job_metrics(name: str, group: str = "streamlift") -> dict:
+def job_metrics(name: str, group: str = "streamlift", agg: str = "sum") -> dict:
     """The jobs' own metrics (:class:`jobs.flink_env.JobMetrics`) of the newest job called ``name``,
-    through the REST API: {operator: {metric: value summed over subtasks}}; a counter per reason
-    is ``reason.<reason>.<metric>``. Gauges of several subtasks are summed too (one subtask each
-    for the jobs' gauges but the writers')."""
+    through the REST API: {operator: {metric: value}}, the value over the operator's subtasks
+    their ``agg`` ("sum" for counters, "max" for gauges such as the last slice, or "list"); a
+    counter per reason is ``reason.<reason>.<metric>``."""
     st = job_status(name)
     if st is None:
         return {}
@@ -168,15 +170,15 @@ def job_metrics(name: str, group: str = "streamlift") -> dict:
             chunk = ours[k:k + 40]
             q = urllib.parse.quote(",".join(chunk), safe=",")
             for m in _get(f"/jobs/{jid}/vertices/{v['id']}/metrics?get={q}"):
-                head, metric = m["id"].split(f".{group}.", 1)
-                operator = head.split(".", 1)[1] if "." in head else head    # "<subtask>.<operator>"
+                # "<subtask>.<task (Flink's chain)>.streamlift.<operator>.<metric>"
+                operator, metric = m["id"].split(f".{group}.", 1)[1].split(".", 1)
                 try:
                     value = float(m["value"])
                 except (TypeError, ValueError):
                     continue
-                ops = out.setdefault(operator, {})
-                ops[metric] = ops.get(metric, 0.0) + value
-    return out
+                out.setdefault(operator, {}).setdefault(metric, []).append(value)
+    fold = {"sum": sum, "max": max, "list": sorted}[agg]
+    return {op: {k: fold(v) for k, v in ms.items()} for op, ms in out.items()}
 
 
 def cancel(name: str) -> None:

@@ -105,7 +105,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             from jobs.flink_env import JobMetrics
 
             self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
-            self.metrics = JobMetrics(runtime_context)
+            self.metrics = JobMetrics(runtime_context, "read-validate")
 
         def flat_map(self, value):
             from jobs.sinks import record_source_fault
@@ -185,7 +185,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             from jobs.flink_env import JobMetrics
 
             self.state = ctx.get_map_state(MapStateDescriptor("parts", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-            self.metrics = JobMetrics(ctx)
+            self.metrics = JobMetrics(ctx, "merge-write")
 
         def _observe(self, stats):
             m = self.metrics
@@ -231,7 +231,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             from jobs.flink_env import JobMetrics
 
             self.store = open_store(cfg, apply=False)
-            self.metrics = JobMetrics(ctx)
+            self.metrics = JobMetrics(ctx, "feast-online")
 
         def map(self, value):
             from jobs.sinks import write_online_frames

@@ -24,13 +24,14 @@ METRIC_GROUP = "streamlift"
 
 class JobMetrics:
     """The operator's metrics, through PyFlink's metric group (``python.metric.enabled``): in the
-    Flink web UI and REST API as ``<subtask>.<operator>.streamlift.<name>``, and
-    ``….streamlift.reason.<reason>.<name>`` for a counter per reason. Counters are made on first
-    use; a gauge reports the last value set. Without metrics (disabled) every call is a no-op."""
+    Flink web UI and REST API as ``<subtask>.<task>.streamlift.<operator>.<name>``, and
+    ``….streamlift.<operator>.reason.<reason>.<name>`` for a counter per reason (``<task>`` is
+    Flink's name of the chain the operator runs in; ``operator`` is ours). Counters are made on
+    first use; a gauge reports the last value set. Without metrics (disabled) every call is a no-op."""
 
-    def __init__(self, runtime_context):
+    def __init__(self, runtime_context, operator: str):
         try:
-            self.group = runtime_context.get_metrics_group().add_group(METRIC_GROUP)
+            self.group = runtime_context.get_metrics_group().add_group(METRIC_GROUP).add_group(operator)
         except Exception:                            # noqa: BLE001 - python.metric.enabled: false
             self.group = None
         self.counters, self.values = {}, {}
@@ -155,7 +156,7 @@ def record_error(data_dir: Path, where: str) -> str:
 
 
 def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush_at_end: bool = False,
-                   errors_dir: Path | None = None, watch=None, observe=None):
+                   errors_dir: Path | None = None, watch=None, observe=None, operator: str | None = None):
     """A keyed function running one :class:`udfs.stage.SliceStage` per key (shard), its state a
     MapState of the stage's :meth:`state_delta` entries.
 
@@ -168,7 +169,8 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
     ``watch(stage, now) -> seconds | None``, called after each element and again when the
     processing-time timer it asked for fires: a check that must run on an idle stream too
     (the features job's alert on a gap in slice numbers). ``observe(stage, outputs, metrics)``,
-    called after each element and flush, updates the operator's :class:`JobMetrics`.
+    called after each element and flush, updates the operator's :class:`JobMetrics` (named
+    ``operator``, default ``state_name``).
     """
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction
@@ -179,7 +181,7 @@ def stage_function(state_name: str, stage_cls, params_for_key, take, emit, flush
             self.state = ctx.get_map_state(MapStateDescriptor(state_name, Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.stages = {}
             self.subtask = ctx.get_index_of_this_subtask()
-            self.metrics = JobMetrics(ctx) if observe is not None else None
+            self.metrics = JobMetrics(ctx, operator or state_name) if observe is not None else None
 
         def _observe(self, stage, outs):
             if observe is not None:

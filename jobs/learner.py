@@ -175,7 +175,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             from jobs.iceberg_store import open_tables
 
             self.table = open_tables(cfg)["learner_metrics"]
-            self.metrics = JobMetrics(ctx)
+            self.metrics = JobMetrics(ctx, "publish")
 
         def map(self, value):
             snap, timing = pickle.loads(value)

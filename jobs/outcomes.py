@@ -192,7 +192,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         def open(self, ctx):
             from jobs.flink_env import JobMetrics
 
-            self.metrics = JobMetrics(ctx)
+            self.metrics = JobMetrics(ctx, "epoch-quality")
 
         def map(self, line):
             stats = json.loads(line)
@@ -235,7 +235,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     cut = (parts.key_by(lambda t: t[0], key_type=Types.INT())
            .process(stage_function("outcomes", OutcomeShard, lambda k: template.shard_params(shard_of_key[k]),
                                    shard_take, shard_emit, flush_at_end=True, errors_dir=cfg.data_dir,
-                                   observe=shard_observe),
+                                   observe=shard_observe, operator="outcome-shard"),
                     output_type=keyed())
            .name("outcome-shard").uid("outcome-shard").set_parallelism(p))
     labelled = (cut.key_by(lambda t: t[0], key_type=Types.INT())

@@ -117,3 +117,57 @@ def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluste
     last = load_model(cfg.model_store, cfg.learner["model_id"], versions[-1]["version"])
     assert lrn.version == versions[-1]["version"]
     assert last.bundle.digest() == lrn.state_digest()
+
+
+def test_job_metrics_in_the_rest_api(cluster, small_sim, tmp_path):
+    """The jobs' own metrics (PyFlink metric groups, jobs.flink_env.JobMetrics) as the web UI
+    and REST API show them, while the jobs run (--follow): the features job's counters equal
+    its per-slice statistics, quarantine per reason included; the outcomes job's epochs, rows and
+    epoch lag; freshness gauges."""
+    from conftest import wait_for
+    from jobs.sinks import summarize
+    from udfs.ingest import manifest_lines
+
+    feats = tmp_path / "features"
+    proc = cluster.submit("features", str(small_sim), str(feats), parallelism=2, extra=["--follow"], wait=False)
+    try:
+        n_slices = len(manifest_lines(small_sim))
+        wait_for(lambda: len(list((feats / "stats").glob("slice-*.json"))) == n_slices, timeout=300,
+                 what="the features job did not write every slice")
+        s = summarize(cfg_for(feats))
+
+        def settled():                   # Flink's metric fetcher refreshes every few seconds
+            m = cluster.job_metrics("streamlift-features")
+            merge = m.get("merge-write", {})
+            return m if merge.get("events_in") == s["events_in"] and merge.get("slices") == n_slices else None
+
+        m = wait_for(settled, timeout=90, every=2, what="metrics did not reach the slices' totals")
+        merge = m["merge-write"]
+        assert merge["events_processed"] == s["processed"]
+        assert merge["quarantined"] == s["quarantined"] > 0
+        by_reason = {k.split(".")[1]: v for k, v in merge.items() if k.startswith("reason.")}
+        assert by_reason == {k: float(v) for k, v in s["quarantined_by_reason"].items()}, (by_reason, s)
+        gauges = cluster.job_metrics("streamlift-features", agg="max")
+        assert gauges["merge-write"]["last_slice_seq"] == n_slices - 1
+        assert m["feast-online"]["online_rows"] == sum(s["feature_rows_online"].values())
+        assert 0 < gauges["feast-online"]["freshness_p50_ms"] <= gauges["feast-online"]["freshness_p99_ms"]
+    finally:
+        cluster.cancel("streamlift-features")
+        proc.communicate(timeout=60)
+
+    outs = tmp_path / "outcomes"
+    proc = cluster.submit("outcomes", str(feats), str(outs), parallelism=2, extra=["--follow"], wait=False)
+    try:
+        wait_for(lambda: len(list((outs / "outcomes").glob("epoch-*.json"))) >= 2, timeout=300,
+                 what="the outcomes job committed no epochs")
+        epochs = lambda: len(list((outs / "outcomes").glob("epoch-*.json")))     # noqa: E731
+        m = wait_for(lambda: (lambda m: m if m.get("epoch-quality", {}).get("epochs_committed") == epochs()
+                              and "epoch_lag_ms" in m.get("outcome-shard", {}) else None)(
+            cluster.job_metrics("streamlift-outcomes")), timeout=90, every=2, what="no outcomes metrics")
+        assert m["epoch-quality"]["rows_committed"] > 0
+        # each shard's event time ahead of its last cut epoch: under a commit interval (1 day)
+        lag = cluster.job_metrics("streamlift-outcomes", agg="list")["outcome-shard"]["epoch_lag_ms"]
+        assert len(lag) == 2 and all(0 <= x < 86_400_000 for x in lag), lag
+    finally:
+        cluster.cancel("streamlift-outcomes")
+        proc.communicate(timeout=60)
