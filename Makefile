@@ -25,10 +25,10 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP) ## create .venv with the pinned dependency set
 
 demo: $(STAMP) ## simulate EVENTS events, run the features, outcomes and learner jobs locally, read features, tables, models back
-	$(BIN)/python -m jobs.demo --events $(EVENTS) --data-dir $(DATA)/demo
+	$(BIN)/python -m tools.demo --events $(EVENTS) --data-dir $(DATA)/demo
 
 report: $(STAMP) ## one HTML page of plots from the demo's run (after make demo): $(DATA)/demo/run/report.html
-	$(BIN)/python -m jobs.report --data-dir $(DATA)/demo/run
+	$(BIN)/python -m tools.report --data-dir $(DATA)/demo/run
 
 chromium: ## install Debian's chromium if missing (the report test opens the page in it, headless)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -45,19 +45,19 @@ test-fast: $(STAMP) ## unit tests only (no JVM)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP) ## features, outcomes, learner jobs vs baselines (naive state, Flink SQL, Vowpal Wabbit) on 1M events; ONLY=features|outcomes|learner
-	$(BIN)/python -m jobs.bench --events 1000000 --out bench/results --only $(or $(ONLY),all)
+	$(BIN)/python -m tools.bench --events 1000000 --out bench/results --only $(or $(ONLY),all)
 
 simulate: $(STAMP) ## write simulated traffic to $(DATA)/sim
-	$(BIN)/python -m jobs.simulate --events $(EVENTS) --out $(DATA)/sim
+	$(BIN)/python -m tools.simulate --events $(EVENTS) --out $(DATA)/sim
 
-cluster-up: $(STAMP) ## start a standalone Flink cluster (JobManager + TaskManager on localhost; more: python -m jobs.cluster up --taskmanagers 2 --slots 1)
-	$(BIN)/python -m jobs.cluster up
+cluster-up: $(STAMP) ## start a standalone Flink cluster (JobManager + TaskManager on localhost; more: python -m tools.cluster up --taskmanagers 2 --slots 1)
+	$(BIN)/python -m tools.cluster up
 
 cluster-down: $(STAMP) ## stop the standalone Flink cluster
-	$(BIN)/python -m jobs.cluster down
+	$(BIN)/python -m tools.cluster down
 
 submit: $(STAMP) ## submit JOB (default features) to the cluster with `flink run -py`; INPUT=<sim dir>, P=<parallelism>
-	$(BIN)/python -m jobs.cluster submit --job $(JOB) --input $(or $(INPUT),$(DATA)/sim) --data-dir $(abspath $(DATA))/cluster $(if $(P),-p $(P))
+	$(BIN)/python -m tools.cluster submit --job $(JOB) --input $(or $(INPUT),$(DATA)/sim) --data-dir $(abspath $(DATA))/cluster $(if $(P),-p $(P))
 
 lock: ## re-resolve requirements.in into requirements.lock
 	$(PY) -m venv /tmp/streamlift-lock && /tmp/streamlift-lock/bin/pip install -q -r requirements.in && /tmp/streamlift-lock/bin/pip freeze > requirements.lock

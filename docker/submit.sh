@@ -13,13 +13,13 @@ export STREAMLIFT_ON_CLUSTER=1 STREAMLIFT_PATHS__DATA_DIR="$DATA"
 
 if [ ! -d "$INPUT/manifest" ] && [ "${SIMULATE_EVENTS:-0}" -gt 0 ]; then
   echo "submit: simulating ${SIMULATE_EVENTS} events into $INPUT"
-  (cd "$ROOT" && "$PY" -m jobs.simulate --events "$SIMULATE_EVENTS" --out "$INPUT")
+  (cd "$ROOT" && "$PY" -m tools.simulate --events "$SIMULATE_EVENTS" --out "$INPUT")
 fi
 
 run() {  # run <job> <input>
   echo "submit: $1 (input $2, data $DATA)"
   flink run -m "${FLINK_JOBMANAGER:-jobmanager:8081}" ${FLINK_PARALLELISM:+-p "$FLINK_PARALLELISM"} \
-    -py "$ROOT/jobs/$1.py" -pyfs "$ROOT/schemas,$ROOT/udfs,$ROOT/jobs" \
+    -py "$ROOT/jobs/$1.py" -pyfs "$ROOT/schemas,$ROOT/udfs,$ROOT/jobs,$ROOT/stores,$ROOT/serving" \
     -pyexec "$PY" -pyclientexec "$PY" \
     --input "$2" --data-dir "$DATA"
 }

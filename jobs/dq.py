@@ -121,7 +121,7 @@ def suite_expectations(suite: dict, columns, params: dict, previous: dict | None
 def frames(cfg: Config) -> dict:
     """{suite name: (suite, frame, feature columns)} for the run at ``cfg.data_dir``; a data set
     the run has not written is left out."""
-    from jobs.analyst import read_table
+    from stores.iceberg_store import read_table
     from jobs.sinks import read_enriched
     from udfs.spec import FeatureSpec
 
@@ -151,7 +151,7 @@ def epoch_frames(cfg: Config, epoch: int) -> dict:
     with ``epoch`` (the open day partitions the epoch rewrote, the delay fits it added)."""
     from pyiceberg.expressions import EqualTo
 
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
 
     suites, tables = load_suites(), open_tables(cfg)
     out = {}
@@ -177,7 +177,7 @@ def validate_epoch(cfg: Config, epoch: int) -> dict:
 
 def _previous(cfg: Config) -> dict:
     """The observed means of the newest earlier run, {(suite, type, column): value}."""
-    from jobs.analyst import read_table
+    from stores.iceberg_store import read_table
 
     try:
         r = read_table(cfg, "dq_result")
@@ -281,7 +281,7 @@ def validate(cfg: Config, docs: bool = True, store: bool = True, data: dict | No
 def _store(cfg: Config, rows: list) -> None:
     import pyarrow as pa
 
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
     from schemas import table_contract
 
     schema = table_contract("dq_result").arrow_schema()

@@ -29,7 +29,7 @@ TaskManagers). State is per shard: change P with a new run.
     python -m jobs.features --input data/sim            # bounded backfill, then exit
     python -m jobs.features --input data/sim --follow   # keep watching for new slices
     python -m jobs.features --input data/sim --follow --from-checkpoint data/checkpoints/<job>/chk-N
-    flink run -p 2 -py jobs/features.py --pyFiles schemas,udfs,jobs -- --input ...   (see Makefile)
+    flink run -p 2 -py jobs/features.py --pyFiles schemas,udfs,jobs,stores,serving -- --input ...   (see Makefile)
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         """Feast online writes of one accumulator shard (the store keeps the newest row per key)."""
 
         def open(self, ctx):
-            from jobs.feast_store import open_store
+            from stores.feast_store import open_store
             from jobs.flink_env import JobMetrics
 
             self.store = open_store(cfg, apply=False)
@@ -275,7 +275,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
 def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | None = None) -> dict:
     """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
     ``follow``; returns a summary."""
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
     from jobs.flink_env import job_env, terminate
     from jobs.sinks import summarize
 

@@ -14,7 +14,7 @@ import yaml
 from jobs.config import ROOT, Config
 
 __all__ = ["flink_settings", "stream_env", "job_env", "python_files", "line_source", "terminate",
-           "run_handoff_job", "handoff_cli", "END_OF_INPUT_TIMER", "parallelism",
+           "run_handoff_job", "handoff_cli", "WORKER_PACKAGES", "END_OF_INPUT_TIMER", "parallelism",
            "on_cluster", "shard_keys", "flink_subtask_of", "stage_function", "record_error", "JobMetrics",
            "METRIC_GROUP"]
 
@@ -52,6 +52,10 @@ class JobMetrics:
             self.group.gauge(name, lambda: self.values[name])
         self.values[name] = int(value)
 
+#: the packages the jobs' Python workers import (shipped with a job: ``-pyfs`` / add_python_file);
+#: tools/ is never imported by a job
+WORKER_PACKAGES = ("schemas", "udfs", "jobs", "stores", "serving")
+
 #: the event-time timer jobs flush on: it fires only when the final watermark passes (bounded input ended)
 END_OF_INPUT_TIMER = 2 ** 62
 
@@ -70,7 +74,7 @@ def flink_settings(cfg: Config, checkpoint_dir: Path | None = None) -> dict:
 
 def python_files() -> str:
     """The project's packages, shipped with the job to cluster workers."""
-    return ",".join(str(ROOT / p) for p in ("schemas", "udfs", "jobs"))
+    return ",".join(str(ROOT / p) for p in WORKER_PACKAGES)
 
 
 def stream_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict | None = None):
@@ -85,15 +89,14 @@ def stream_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict 
     for k, v in {**flink_settings(cfg, checkpoint_dir), **(overrides or {})}.items():
         conf.set_string(k, str(v))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
-    env.add_python_file(str(ROOT / "schemas"))
-    env.add_python_file(str(ROOT / "udfs"))
-    env.add_python_file(str(ROOT / "jobs"))
+    for package in WORKER_PACKAGES:
+        env.add_python_file(str(ROOT / package))
     return env
 
 
 def job_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict | None = None):
     """The environment a job runs in: the cluster's when submitted with ``flink run``
-    (``STREAMLIFT_ON_CLUSTER``, set by ``jobs.cluster``), else the local mini-cluster."""
+    (``STREAMLIFT_ON_CLUSTER``, set by ``tools.cluster``), else the local mini-cluster."""
     if os.environ.get("STREAMLIFT_ON_CLUSTER"):
         from pyflink.datastream import StreamExecutionEnvironment
 
@@ -102,7 +105,7 @@ def job_env(cfg: Config, checkpoint_dir: Path | None = None, overrides: dict | N
 
 
 def on_cluster() -> bool:
-    """Submitted with ``flink run`` (``jobs.cluster`` sets STREAMLIFT_ON_CLUSTER)."""
+    """Submitted with ``flink run`` (``tools.cluster`` sets STREAMLIFT_ON_CLUSTER)."""
     return bool(os.environ.get("STREAMLIFT_ON_CLUSTER"))
 
 
@@ -285,7 +288,7 @@ def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | 
     ``<input_dir>/handoff`` (bounded unless ``follow``) on the local mini-cluster, or on the cluster
     under ``flink run``; checkpoints in ``<data>/checkpoints-<name>``; returns ``summarize(cfg)``
     with the wall time."""
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
 
     input_dir = Path(input_dir or cfg.data_dir)
     open_tables(cfg)

@@ -98,8 +98,8 @@ def _plain_json(x):
 
 def publish_snapshot(cfg: Config, table, snap, timing: dict | None = None) -> dict:
     """Write a snapshot to the model store and its metrics row to Iceberg (skipped if present)."""
-    from jobs.iceberg_store import commit_append
-    from jobs.serving import write_snapshot
+    from stores.iceberg_store import commit_append
+    from serving.serve import write_snapshot
     from jobs.sinks import atomic_write
 
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     class Publish(MapFunction):
         def open(self, ctx):
             from jobs.flink_env import JobMetrics
-            from jobs.iceberg_store import open_tables
+            from stores.iceberg_store import open_tables
 
             self.table = open_tables(cfg)["learner_metrics"]
             self.metrics = JobMetrics(ctx, "publish")

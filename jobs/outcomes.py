@@ -30,7 +30,7 @@ last checkpoint, the epoch is cut and written again, and committed once.
 
     python -m jobs.outcomes --input data/run               # bounded: every slice handed off so far
     python -m jobs.outcomes --input data/run --follow      # keep taking slices as they are handed off
-    flink run -p 2 -py jobs/outcomes.py -pyfs schemas,udfs,jobs -- --input ...   (see Makefile)
+    flink run -p 2 -py jobs/outcomes.py -pyfs schemas,udfs,jobs,stores,serving -- --input ...   (see Makefile)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def stats_dir(cfg: Config) -> Path:
 def commit(cfg: Config, tables: dict, epoch, timing: dict | None = None) -> dict:
     """Commit one epoch to the three tables (each skips an epoch it already has). The outcome
     rows come as the data files the labellers wrote (``epoch.files``) or as a table."""
-    from jobs.iceberg_store import commit_append, commit_day_files, commit_partitions
+    from stores.iceberg_store import commit_append, commit_day_files, commit_partitions
     from jobs.sinks import atomic_write
 
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ _TABLES = {}
 
 
 def _tables(cfg: Config) -> dict:
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
 
     key = str(cfg.data_dir)
     if key not in _TABLES:
@@ -113,7 +113,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     from pyflink.datastream import FlatMapFunction, MapFunction
 
     from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
-    from jobs.iceberg_store import last_epoch, write_day_files
+    from stores.iceberg_store import last_epoch, write_day_files
     from udfs.outcomes import (DECISION_COLUMNS, EpochCommitter, EpochLabeller, EpochPart, OutcomeEngine,
                                OutcomeShard, split_handoff)
 
@@ -157,7 +157,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     from udfs.privacy import FORGET_FILE, ForgetList, blank_forgotten_arrow
 
     # a user forgotten after their decisions entered this job's state: their user id is blanked
-    # in the rows written (as for a user without consent; jobs.privacy forget)
+    # in the rows written (as for a user without consent; tools.privacy forget)
     forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
 
     def label_take(stage, blob, timing):

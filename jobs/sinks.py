@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from jobs.config import Config
-from jobs.feast_store import write_offline, write_online
+from stores.feast_store import write_offline, write_online
 from udfs.validation import reason_kind
 
 __all__ = ["atomic_write", "atomic_parquet", "write_slice_files", "write_online_frames", "summarize", "read_enriched",

@@ -17,7 +17,7 @@ os.environ.setdefault("STREAMLIFT_OUTCOMES__DATA_QUALITY", "false")
 @pytest.fixture(scope="session")
 def small_sim(tmp_path_factory):
     """A small simulated stream (about 30k lines in 10 slices), shared by the tests."""
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     out = tmp_path_factory.mktemp("sim")
     simulate(out, events=30_000, users=2_000, campaigns=6, days=2.0, slice_lines=3_000, seed=11)

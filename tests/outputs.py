@@ -42,7 +42,7 @@ def assert_same_feature_outputs(a: Path, b: Path) -> int:
 def online_values(cfg, spec, keys: dict) -> dict:
     """Online values and event timestamps of ``keys`` ({key type: [entity row dicts]}) read back
     through Feast."""
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
 
     store = open_store(cfg, apply=False)
     out = {}

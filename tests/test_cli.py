@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import COMMANDS, main
+from tools.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def test_the_listing_names_every_command(capsys):
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_explains_its_flags(command):
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", command, "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tools.cli", command, "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"usage: streamlift {command}") and "--" in r.stdout
@@ -33,9 +33,9 @@ def test_every_command_explains_its_flags(command):
 
 def test_pyproject_packages_what_the_commands_need():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert meta["project"]["scripts"] == {"streamlift": "jobs.cli:main"}
+    assert meta["project"]["scripts"] == {"streamlift": "tools.cli:main"}
     assert meta["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.in"]
-    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["jobs", "udfs", "schemas", "schemas.*"]
+    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["jobs", "stores", "serving", "tools", "udfs", "schemas", "schemas.*"]
     assert meta["tool"]["setuptools"]["package-data"]["*"] == ["*.json", "*.md"]
     # after `make venv` (pip install -e .) the command is on the virtual environment's path
     exe = Path(sys.executable).parent / "streamlift"

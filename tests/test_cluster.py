@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    from jobs import cluster as c
+    from tools import cluster as c
 
     if c.rest_ready():
         pytest.fail("a Flink cluster is already running on localhost:8081; stop it first (make cluster-down)")
@@ -73,7 +73,7 @@ def test_parallelism_1_and_2_on_two_taskmanagers_give_identical_outputs(cluster,
 
 def test_submitted_outcomes_job_commits_every_decision_once(cluster, submitted_features, tmp_path):
     """The outcomes job on the features job's hand-off, both with `flink run -py`."""
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
     from jobs.sinks import summarize
 
     from test_outcomes_job import epoch_history, table_snapshot
@@ -99,9 +99,9 @@ def test_submitted_learner_job_trains_the_model_of_the_learner_in_process(cluste
     """The learner job on the same hand-off with `flink run -py`: its snapshots are in the model
     store and Iceberg, and its last model is, digest for digest, the OnlineLearner run here in
     process over the same slices (training is deterministic)."""
-    from jobs.analyst import read_table
-    from jobs.evaluate import learn_all
-    from jobs.serving import list_versions, load_model
+    from tools.analyst import read_table
+    from tools.evaluate import learn_all
+    from serving.serve import list_versions, load_model
     from udfs.ingest import handoff_lines, read_handoff
     from udfs.learners import OnlineLearner
 

@@ -25,7 +25,7 @@ KINDS = {   # kind: (the outcomes job's warning, the learner's warning or None)
 def degenerate_stream(root, kind):
     """A small simulated stream made degenerate in one way (files rewritten in place, the
     manifests' line counts kept true)."""
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     sim = root / kind
     kw = dict(events=4_000, users=300, campaigns=3, days=9.0, slice_lines=1_000, seed=31)

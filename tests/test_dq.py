@@ -75,7 +75,7 @@ def test_each_corrupted_table_fails_the_expectation_it_targets(results, case):
 
 
 def test_results_are_in_iceberg_and_the_data_docs(results):
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
 
     cfg, res = results
     assert not res["success"] and res["failed"] == len(CORRUPTIONS)
@@ -108,9 +108,9 @@ def test_the_cli_exits_non_zero_on_a_broken_expectation_and_keeps_the_data(tmp_p
     place (a label of 1.5, through pyiceberg) fails with exit 1, and its rows are still there."""
     import pyarrow as pa
 
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
     from jobs.dq import main
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
     from schemas import table_contract
 
     cfg = cfg_for(tmp_path)

@@ -32,7 +32,7 @@ JOB_ENV = {"features": {}, "outcomes": OUTCOMES_ENV, "learner": LEARNER_ENV}
 
 @pytest.fixture(scope="module")
 def fault_cluster():
-    from jobs import cluster as c
+    from tools import cluster as c
 
     if c.rest_ready():
         pytest.fail("a Flink cluster is already running on localhost:8081; stop it first (make cluster-down)")
@@ -44,7 +44,7 @@ def fault_cluster():
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
     """Long enough (~50 slices) for five kills and recoveries inside each job's run."""
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     out = tmp_path_factory.mktemp("fault-sim")
     simulate(out, events=60_000, users=2_000, campaigns=4, days=9.0, slice_lines=1_200, seed=17)
@@ -121,8 +121,8 @@ def test_outcomes_job_killed_five_times_commits_the_tables_of_an_uninterrupted_r
 
 def test_learner_job_killed_five_times_publishes_the_models_of_an_uninterrupted_run(fault_cluster, clean, tmp_path,
                                                                                   monkeypatch):
-    from jobs.analyst import read_table
-    from jobs.serving import list_versions, load_model
+    from tools.analyst import read_table
+    from serving.serve import list_versions, load_model
 
     for k, v in LEARNER_ENV.items():
         monkeypatch.setenv(k, v)

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_follow_takes_slices_as_they_arrive(tmp_path):
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
     from jobs.sinks import summarize
 
     sim = tmp_path / "sim"

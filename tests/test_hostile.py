@@ -116,7 +116,7 @@ def test_without_consent_no_user_id_goes_downstream_and_rejected_ids_are_hashed(
 def test_a_snapshot_that_is_not_the_one_written_is_refused_before_unpickling(tmp_path, monkeypatch):
     import pickle
 
-    from jobs.serving import load_model, write_snapshot
+    from serving.serve import load_model, write_snapshot
     from udfs.learners import Snapshot
 
     store = f"file://{tmp_path}/models"

@@ -4,7 +4,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from jobs.iceberg_store import commit_epoch, ensure_table, last_epoch, open_catalog
+from stores.iceberg_store import commit_epoch, ensure_table, last_epoch, open_catalog
 
 SCHEMA = pa.schema([pa.field("decision_id", pa.string(), nullable=False),
                     pa.field("decision_time", pa.timestamp("us", tz="UTC"), nullable=False),

@@ -34,7 +34,7 @@ def job_run(small_sim, tmp_path_factory):
 
 def online_snapshot(cfg, keys):
     """All online values of the given keys, per view, read back through Feast."""
-    from jobs.feast_store import open_store, view_name
+    from stores.feast_store import open_store, view_name
 
     store = open_store(cfg, apply=False)
     out = {}
@@ -122,7 +122,7 @@ def test_replaying_the_input_leaves_feast_unchanged(job_run, small_sim):
 
 
 def test_online_writes_never_go_back_in_time(tmp_path):
-    from jobs.feast_store import open_store, write_online
+    from stores.feast_store import open_store, write_online
     from udfs.features import feature_names
 
     cfg = cfg_for(tmp_path)
@@ -141,7 +141,7 @@ def test_online_writes_never_go_back_in_time(tmp_path):
 def test_offline_store_point_in_time_join(job_run, small_sim):
     """Feast's get_historical_features over the offline Parquet the job wrote: as of
     each key's last event, the values equal the reference."""
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
 
     cfg, _ = job_run
     ref, _, _ = reference_of(small_sim)
@@ -162,7 +162,7 @@ def test_source_faults_are_counted_not_crashes(tmp_path):
     """A manifest with a malformed line, a repeated seq and a slice naming a missing file: the
     job finishes, each fault is quarantined with its reason, and the counts still reconcile."""
     from jobs.features import run
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     sim = tmp_path / "sim"
     simulate(sim, events=6_000, users=500, campaigns=2, days=0.5, slice_lines=2_000, seed=3)

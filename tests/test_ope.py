@@ -1,4 +1,4 @@
-"""Off-policy evaluation (udfs/ope.py, jobs/ope.py): no JVM.
+"""Off-policy evaluation (udfs/ope.py, tools/ope.py): no JVM.
 
 * hand-computed cases (exact fractions) for IPS, clipped IPS, SNIPS, DM, DR, clipped DR,
   switch-DR to 1e-12;
@@ -9,7 +9,7 @@
   for at least 9 of 10 seeds, and the same machinery with a wrong ingredient (biased DM,
   wrong propensities) does not, so the coverage test can fail;
 * the logging policy's estimate against its on-policy mean;
-* jobs.ope end to end on an outcome-table-shaped frame (uniform, table, model policies).
+* tools.ope end to end on an outcome-table-shaped frame (uniform, table, model policies).
 """
 
 import numpy as np
@@ -265,7 +265,7 @@ def test_logging_policy_estimate_matches_its_on_policy_mean():
         assert lo - 0.01 <= _value(ctx_p, true, logging) <= hi + 0.01
 
 
-# ----------------------------------------------------------------------------- jobs.ope
+# ----------------------------------------------------------------------------- tools.ope
 def _outcome_frame(seed=0, n=6000, interim_share=0.3):
     """Rows shaped like outcomes_v1: 3 campaigns of 3-4 creatives, ε-greedy logging within the
     campaign (the logged propensities are the true ones), known click probabilities."""
@@ -300,7 +300,7 @@ def _outcome_frame(seed=0, n=6000, interim_share=0.3):
 
 
 def test_jobs_ope_uniform_covers_true_value():
-    from jobs import ope as job
+    from tools import ope as job
 
     df, camps, truth = _outcome_frame()
     res = job.run(df, "uniform", "click", n_boot=400)
@@ -319,7 +319,7 @@ def test_jobs_ope_uniform_covers_true_value():
 
 
 def test_jobs_ope_conversion_reward_uses_labels():
-    from jobs import ope as job
+    from tools import ope as job
 
     df, _, _ = _outcome_frame(n=600)
     prep = job.prepare(df, "conversion")
@@ -328,7 +328,7 @@ def test_jobs_ope_conversion_reward_uses_labels():
 
 
 def test_jobs_ope_table_policy(tmp_path):
-    from jobs import ope as job
+    from tools import ope as job
 
     df, camps, _ = _outcome_frame(n=800)
     # the table policy: always the campaign's first creative
@@ -351,7 +351,7 @@ def test_jobs_ope_table_policy(tmp_path):
 
 
 class _FakeModel:
-    """Scores like jobs.serving.ServingModel.score: predicted CTR from the creative's last digit."""
+    """Scores like serving.serve.ServingModel.score: predicted CTR from the creative's last digit."""
 
     def __init__(self):
         self.seen = None
@@ -363,7 +363,7 @@ class _FakeModel:
 
 
 def test_jobs_ope_model_policy():
-    from jobs import ope as job
+    from tools import ope as job
 
     df, camps, _ = _outcome_frame(n=800)
     m = _FakeModel()
@@ -385,8 +385,8 @@ def test_jobs_ope_model_policy():
 
 
 def test_cli_prints_table(monkeypatch, capsys):
-    from jobs import analyst
-    from jobs import ope as job
+    from tools import analyst
+    from tools import ope as job
 
     df, _, _ = _outcome_frame(n=1500)
     monkeypatch.setattr(analyst, "read_table", lambda cfg, name="outcome", row_filter=None: df)
@@ -401,8 +401,8 @@ def test_jobs_ope_model_policy_with_a_real_snapshot(tmp_path):
     with load_latest_model, scored with ServingModel.score on the outcome rows' context."""
     import pickle
 
-    from jobs import ope as job
-    from jobs.serving import load_latest_model, write_snapshot
+    from tools import ope as job
+    from serving.serve import load_latest_model, write_snapshot
     from udfs.learners import FeatureEncoder, ModelBundle, Snapshot
 
     store = f"file://{tmp_path}/models"
@@ -421,12 +421,12 @@ def test_jobs_ope_model_policy_with_a_real_snapshot(tmp_path):
 
 
 def test_cli_reads_the_iceberg_outcome_table(tmp_path, monkeypatch, capsys):
-    """python -m jobs.ope --data-dir DIR on a real (pyiceberg) outcomes_v1 written here."""
+    """python -m tools.ope --data-dir DIR on a real (pyiceberg) outcomes_v1 written here."""
     import pyarrow as pa
 
-    from jobs import ope as job
+    from tools import ope as job
     from jobs.config import load_for_cli
-    from jobs.iceberg_store import commit_append, open_tables
+    from stores.iceberg_store import commit_append, open_tables
     from schemas import table_contract
 
     monkeypatch.setenv("STREAMLIFT_PATHS__DATA_DIR", str(tmp_path))

@@ -197,7 +197,7 @@ def simulated_pipeline(tmp_path_factory):
     each arm has enough conversions for a 3% check of its interim labels (with the default 10%
     the control arm has ~700 conversions: a standard error of ~4% on its rate)."""
     from jobs.config import load
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
     from udfs.features import FeatureEngine
     from udfs.ingest import manifest_lines, read_slice
 

@@ -19,7 +19,7 @@ def pipeline(tmp_path_factory):
     """9 simulated days (so that the first days' windows close), features then outcomes."""
     from jobs.features import run as run_features
     from jobs.outcomes import run as run_outcomes
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     root = tmp_path_factory.mktemp("outcomes")
     sim = root / "sim"
@@ -31,7 +31,7 @@ def pipeline(tmp_path_factory):
 
 
 def table_snapshot(cfg):
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
 
     return {name: read_table(cfg, name).sort_values(key, ignore_index=True)
             for name, key in (("outcome", "decision_id"), ("delay_model", "model_key"),
@@ -39,7 +39,7 @@ def table_snapshot(cfg):
 
 
 def test_every_decision_once_and_counts_reconcile(pipeline):
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
 
     cfg, sim, features, outcomes = pipeline
     out = read_table(cfg, "outcome")
@@ -60,7 +60,7 @@ def test_every_decision_once_and_counts_reconcile(pipeline):
 
 
 def test_labels_final_exactly_when_the_window_closed(pipeline):
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
     from udfs.features import parse_duration
 
     cfg, sim, _, outcomes = pipeline
@@ -85,7 +85,7 @@ def test_labels_final_exactly_when_the_window_closed(pipeline):
 
 
 def test_tables_read_back_by_duckdb_equal_pyiceberg(pipeline):
-    from jobs.analyst import compare, duckdb_connection
+    from tools.analyst import compare, duckdb_connection
 
     cfg, _, _, _ = pipeline
     snap = table_snapshot(cfg)
@@ -105,7 +105,7 @@ def test_tables_read_back_by_duckdb_equal_pyiceberg(pipeline):
 
 
 def test_running_again_on_the_same_input_changes_nothing(pipeline):
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
     from jobs.outcomes import run as run_outcomes
 
     cfg, _, _, _ = pipeline
@@ -122,7 +122,7 @@ def test_running_again_on_the_same_input_changes_nothing(pipeline):
 def test_restart_from_a_checkpoint_midway_gives_the_tables_of_a_clean_run(pipeline, tmp_path):
     """Slices handed off one by one to a --follow job; SIGKILL after some epochs; restart from
     the last retained checkpoint; the tables equal those of the uninterrupted run."""
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
 
     cfg, _, _, _ = pipeline
     clean = table_snapshot(cfg)
@@ -153,7 +153,7 @@ def test_restart_from_a_checkpoint_midway_gives_the_tables_of_a_clean_run(pipeli
 def epoch_history(cfg) -> dict:
     """Per table the jobs commit by epoch, the epoch stamp and record counts of every snapshot,
     oldest first."""
-    from jobs.iceberg_store import EPOCH_PROPERTY, open_tables
+    from stores.iceberg_store import EPOCH_PROPERTY, open_tables
 
     out = {}
     for name, t in open_tables(cfg).items():
@@ -226,9 +226,9 @@ def learned(pipeline):
 
 
 def test_learner_snapshots_are_written_loadable_and_in_iceberg(pipeline, learned):
-    from jobs.analyst import read_table
-    from jobs.evaluate import job_scores
-    from jobs.serving import list_versions, load_latest_model, load_model
+    from tools.analyst import read_table
+    from tools.evaluate import job_scores
+    from serving.serve import list_versions, load_latest_model, load_model
 
     cfg, _, features, _ = pipeline
     versions = list_versions(cfg.model_store, cfg.learner["model_id"])
@@ -250,9 +250,9 @@ def test_learner_snapshots_are_written_loadable_and_in_iceberg(pipeline, learned
 def test_learner_run_again_gives_the_same_model_and_adds_no_metrics_rows(pipeline, learned):
     """A fresh job on the same input (as after losing its state) trains the same model; the
     snapshots it rewrites are equal and Iceberg skips the epochs it already has."""
-    from jobs.iceberg_store import open_tables
+    from stores.iceberg_store import open_tables
     from jobs.learner import run as run_learner
-    from jobs.serving import load_latest_model
+    from serving.serve import load_latest_model
 
     cfg, _, _, _ = pipeline
     before = load_latest_model(cfg=cfg, safe_only=False)
@@ -266,8 +266,8 @@ def test_learner_run_again_gives_the_same_model_and_adds_no_metrics_rows(pipelin
 
 
 def test_serving_scores_with_features_read_from_feast(pipeline, learned):
-    from jobs.feast_store import open_store
-    from jobs.serving import features_from_feast, load_latest_model
+    from stores.feast_store import open_store
+    from serving.serve import features_from_feast, load_latest_model
     from udfs.spec import FeatureSpec
 
     cfg, sim, _, _ = pipeline
@@ -291,7 +291,7 @@ def test_learner_restart_from_a_checkpoint_gives_the_models_of_an_uninterrupted_
     checkpoint; the rest announced; restart --from-checkpoint: every snapshot of the restarted
     job is the model the uninterrupted run cut at that version, down to the last one it cut
     from the input (the uninterrupted run's end-of-input snapshot needs a bounded input)."""
-    from jobs.serving import list_versions, load_model
+    from serving.serve import list_versions, load_model
 
     cfg, _, _, _ = pipeline
     model_id = cfg.learner["model_id"]
@@ -328,7 +328,7 @@ def test_learner_snapshots_do_not_depend_on_the_parallelism_around_it(pipeline, 
     run at the job's parallelism. At 1 instead of 2 every snapshot is the same model."""
     from jobs.config import load
     from jobs.learner import run as run_learner
-    from jobs.serving import list_versions, load_model
+    from serving.serve import list_versions, load_model
 
     cfg, _, _, _ = pipeline
     one = load(env={"STREAMLIFT_PATHS__DATA_DIR": str(tmp_path / "p1"), "STREAMLIFT_FLINK__PARALLELISM": "1",
@@ -371,8 +371,8 @@ def test_a_job_that_keeps_failing_stops_with_its_traceback(pipeline, tmp_path):
 
 def test_per_campaign_effects_are_in_the_metrics_table_and_the_analyst_cli(pipeline, learned):
     """"Did this campaign work?": each snapshot's per-campaign ATE with its interval is in
-    learner_metrics_v1 and `python -m jobs.analyst ate` reads the newest."""
-    from jobs.analyst import campaign_effects, read_table
+    learner_metrics_v1 and `python -m tools.analyst ate` reads the newest."""
+    from tools.analyst import campaign_effects, read_table
 
     cfg, _, _, _ = pipeline
     m = read_table(cfg, "learner_metrics")
@@ -407,7 +407,7 @@ def test_data_quality_runs_after_each_committed_epoch(pipeline, tmp_path, monkey
     """With ``outcomes.data_quality`` the epoch suites run in the job after every commit, on the
     rows that epoch committed (results under ``<suite>@epoch``, one run per epoch, the rates
     against the previous epoch's), and the whole-table suites once at the end."""
-    from jobs.analyst import read_table
+    from tools.analyst import read_table
     from jobs.outcomes import run
     from test_job import cfg_for
 

@@ -1,5 +1,5 @@
 """The right to be forgotten (issue 13): the forget list as the jobs apply it (no JVM), and
-``jobs.privacy forget`` on a real run of the features and outcomes jobs, checked through every
+``tools.privacy forget`` on a real run of the features and outcomes jobs, checked through every
 documented read path: Feast online and offline, the enriched files, pyiceberg, DuckDB over every
 Parquet file of the warehouse, and the bytes of every file the run wrote."""
 
@@ -48,13 +48,13 @@ def test_forget_removes_the_user_from_every_read_path(tmp_path):
     import duckdb
     import pyarrow.parquet as pq
 
-    from jobs.analyst import read_table
-    from jobs.feast_store import open_store, view_name
+    from tools.analyst import read_table
+    from stores.feast_store import open_store, view_name
     from jobs.features import run as run_features
-    from jobs.iceberg_store import last_epoch, open_tables
+    from stores.iceberg_store import last_epoch, open_tables
     from jobs.outcomes import run as run_outcomes
-    from jobs.privacy import main as privacy_main
-    from jobs.simulate import simulate
+    from tools.privacy import main as privacy_main
+    from tools.simulate import simulate
     from test_job import cfg_for
 
     sim = tmp_path / "sim"

@@ -86,7 +86,7 @@ def test_replay_into_redis_changes_nothing(redis_run, small_sim):
 
 
 def test_redis_keeps_the_newer_row(redis_url, tmp_path):
-    from jobs.feast_store import open_store, write_online
+    from stores.feast_store import open_store, write_online
     from udfs.features import feature_names
 
     cfg = redis_cfg(tmp_path, redis_url[0])
@@ -102,7 +102,7 @@ def test_redis_keeps_the_newer_row(redis_url, tmp_path):
     assert got[cols[0]] == [2.0]
 
 
-# --- jobs.feast_redis: Feast's layout written by one Lua script per batch -----------------------
+# --- stores.feast_redis: Feast's layout written by one Lua script per batch -----------------------
 
 @pytest.fixture
 def lua_store(redis_url, tmp_path):
@@ -110,7 +110,7 @@ def lua_store(redis_url, tmp_path):
     emptied first; with a client on that database."""
     import redis
 
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
 
     url, client0 = redis_url
     host, port = url.split(":")
@@ -156,7 +156,7 @@ def test_value_and_timestamp_encodings_equal_protobufs():
     from feast.protos.feast.types.Value_pb2 import Value
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from jobs.feast_redis import double_values_blob, timestamp_proto_bytes, timestamp_proto_slots
+    from stores.feast_redis import double_values_blob, timestamp_proto_bytes, timestamp_proto_slots
 
     rng = np.random.default_rng(3)
     xs = [0.0, -0.0, 1.0, -1.5, 1 / 3, 1e-310, 1.7976931348623157e308, float("inf"), float("-inf"),
@@ -180,8 +180,8 @@ def test_lua_writer_writes_feasts_own_layout_and_feast_reads_it_back(lua_store):
     get_online_features returns the values and event times written."""
     import math
 
-    from jobs.feast_redis import _feast_rows, encode_entity_keys
-    from jobs.feast_store import view_name, write_online
+    from stores.feast_redis import _feast_rows, encode_entity_keys
+    from stores.feast_store import view_name, write_online
 
     store, client = lua_store
     ts = [pd.Timestamp("2026-01-02 03:04:05", tz="UTC"),                 # whole second: no nanos field
@@ -240,8 +240,8 @@ def test_concurrent_writers_never_leave_an_older_row(lua_store):
     from feast.protos.feast.types.Value_pb2 import Value
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from jobs.feast_redis import RedisLuaWriter
-    from jobs.feast_store import view_name
+    from stores.feast_redis import RedisLuaWriter
+    from stores.feast_store import view_name
 
     store, client = lua_store
     view = store.get_feature_view(view_name("user"))
@@ -326,8 +326,8 @@ def test_lua_writer_replay_changes_nothing(lua_store):
     """Writing the same batches again, an older batch after a newer one, and both in one
     frame leaves every hash byte for byte as it was. An equal event time is rewritten (with
     the same values), an older one skipped: the writer's counts say which."""
-    from jobs.feast_redis import RedisLuaWriter
-    from jobs.feast_store import view_name, write_online
+    from stores.feast_redis import RedisLuaWriter
+    from stores.feast_store import view_name, write_online
 
     store, client = lua_store
     view = store.get_feature_view(view_name("user_campaign"))
@@ -357,8 +357,8 @@ def test_lua_writer_replay_changes_nothing(lua_store):
 
 
 def test_feasts_writer_and_the_lua_writer_respect_each_others_timestamps(lua_store):
-    from jobs.feast_redis import _feast_rows
-    from jobs.feast_store import view_name, write_online
+    from stores.feast_redis import _feast_rows
+    from stores.feast_store import view_name, write_online
 
     store, client = lua_store
     view = store.get_feature_view(view_name("user"))
@@ -374,8 +374,8 @@ def test_feasts_writer_and_the_lua_writer_respect_each_others_timestamps(lua_sto
 
 
 def test_bench_and_freshness_probe(redis_url, lua_store):
-    from jobs.feast_redis import bench_write, freshness_probe, measure_freshness
-    from jobs.feast_store import view_name
+    from stores.feast_redis import bench_write, freshness_probe, measure_freshness
+    from stores.feast_store import view_name
 
     url, client0 = redis_url
     size = client0.dbsize()
@@ -394,10 +394,10 @@ def test_bench_and_freshness_probe(redis_url, lua_store):
 
 
 def test_forget_deletes_the_users_keys_from_redis(redis_run, small_sim):
-    """``jobs.privacy forget`` on Feast's Redis layout: every hash whose entity key holds the user
+    """``tools.privacy forget`` on Feast's Redis layout: every hash whose entity key holds the user
     (user and user×campaign keys) is deleted; other users' are untouched. Last in this module:
     it changes the shared run."""
-    from jobs.privacy import forget
+    from tools.privacy import forget
 
     cfg, _, client = redis_run
     ref, _, _ = reference_of(small_sim)

@@ -26,7 +26,7 @@ def open_in_chromium(page, screenshot=None) -> dict:
 
 
 def test_a_run_without_tables_still_gives_a_page_with_every_plot_placeholder(tmp_path):
-    from jobs.report import build_report
+    from tools.report import build_report
     from test_job import cfg_for
 
     page = build_report(cfg_for(tmp_path / "empty"))
@@ -43,8 +43,8 @@ def test_report_of_a_real_run_renders_every_plot_in_chromium(tmp_path):
     from jobs.features import run as run_features
     from jobs.learner import run as run_learner
     from jobs.outcomes import run as run_outcomes
-    from jobs.report import main
-    from jobs.simulate import simulate
+    from tools.report import main
+    from tools.simulate import simulate
     from test_job import cfg_for
 
     sim = tmp_path / "sim"

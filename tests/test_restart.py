@@ -17,7 +17,7 @@ def slice_stats(data):
 
 
 def test_crash_and_restart_from_checkpoint(tmp_path):
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
     from udfs.features import FeatureEngine
 
     sim = tmp_path / "sim"
@@ -64,7 +64,7 @@ def test_a_gap_in_slice_numbers_alerts_on_an_idle_stream(tmp_path):
     import sys
     import time
 
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     sim = tmp_path / "sim"
     simulate(sim, events=3_000, users=300, campaigns=2, days=0.2, slice_lines=1_000, manifest_every=1, seed=4)

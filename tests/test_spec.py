@@ -54,7 +54,7 @@ def test_spec_from_config():
 
 @pytest.fixture(scope="module")
 def definitions(tmp_path_factory):
-    from jobs.feast_store import definitions
+    from stores.feast_store import definitions
 
     return definitions(cfg_for(tmp_path_factory.mktemp("defs")))
 
@@ -137,8 +137,8 @@ def test_encoder_pickles_with_its_spec_and_restores_one_pickled_without():
 def test_serving_reads_the_specs_views_and_decays_each_feature_by_its_half_life(tmp_path):
     """Features written to Feast (SQLite online store) and read back by ``features_from_feast``:
     every column of the spec, each decayed by its own half-life from its key's last event."""
-    from jobs.feast_store import open_store, write_online
-    from jobs.serving import features_from_feast
+    from stores.feast_store import open_store, write_online
+    from serving.serve import features_from_feast
 
     cfg = cfg_for(tmp_path, STREAMLIFT_FEAST__ONLINE_STORE="sqlite")
     spec = FeatureSpec.from_config(cfg)

@@ -1,6 +1,6 @@
 """Uplift on the simulator's observable world (no JVM): the holdout is drawn per decision and the
 true uplift is a function of observable context cells. The learners run in process on the
-simulator's decisions and outcomes (``jobs.evaluate.truth_handoff``: no decayed features), with
+simulator's decisions and outcomes (``tools.evaluate.truth_handoff``: no decayed features), with
 delayed labels and with the true labels at once (oracle), fixed seeds.
 
 Targets of issue 12 (on 300k events): the better uplift learner's Qini >= 80 % of ranking by
@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.evaluate import truth_handoff
-from jobs.simulate import simulate
+from tools.evaluate import truth_handoff
+from tools.simulate import simulate
 from udfs.learners import OnlineGLM, OnlineLearner
 from udfs.metrics import qini_coefficient, uplift_calibration
 

@@ -44,7 +44,7 @@ Per slice, in sequence order (out-of-order slices wait for their turn):
 
 The epoch id is the clock of the cut: deterministic, strictly increasing, the
 same on replay. A writer that skips epochs at or below the last committed one
-is exactly-once (``jobs/iceberg_store.py``).
+is exactly-once (``stores/iceberg_store.py``).
 
 Labels: ``final`` once ``clock - decision_time >= conversion_window`` (the
 observed outcome); else ``interim``: 1 if a conversion arrived, otherwise

@@ -1,6 +1,6 @@
 """The right to be forgotten, as the jobs apply it: the forget list. Plain Python, no Flink.
 
-``python -m jobs.privacy forget`` removes a user from everything stored (``jobs/privacy.py``)
+``python -m tools.privacy forget`` removes a user from everything stored (``tools/privacy.py``)
 and adds the user to the forget list, ``<data>/privacy/forgotten.txt``: one keyed hash per line
 (HMAC-SHA256 under ``privacy.quarantine_key``, :func:`udfs.ingest.keyed_hash`; the list never
 holds a raw identifier). The running jobs read the list and treat a listed user as a user

@@ -1,7 +1,7 @@
 """The right to be forgotten: remove users from everything a run stores, with an audit record.
 
-    python -m jobs.privacy forget --user u_0123456789abcdef [--user ...] [--data-dir data/demo/run]
-    python -m jobs.privacy forget --users-file ids.txt           # the batch form: one id per line
+    python -m tools.privacy forget --user u_0123456789abcdef [--user ...] [--data-dir data/demo/run]
+    python -m tools.privacy forget --users-file ids.txt           # the batch form: one id per line
 
 What ``forget`` does, for each user, in this order (each step is idempotent: run it again
 after a failure):
@@ -125,14 +125,14 @@ def _holds(key: bytes, users_enc: list[bytes], version: int, users: set) -> bool
 
 
 def _forget_online(cfg: Config, users: set) -> dict:
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
 
     store = open_store(cfg, apply=False)
     conf = store.config
     version = conf.entity_key_serialization_version
     enc = [u.encode() for u in users]
     if getattr(conf.online_store, "type", None) == "redis":
-        from jobs.feast_redis import _client_for
+        from stores.feast_redis import _client_for
 
         client = _client_for(conf.online_store)
         tail = conf.project.encode()
@@ -229,7 +229,7 @@ def _forget_iceberg(cfg: Config, users: set, tokens: set) -> dict:
 
     from pyiceberg.expressions import In
 
-    from jobs.iceberg_store import EPOCH_PROPERTY, last_epoch, open_catalog
+    from stores.iceberg_store import EPOCH_PROPERTY, last_epoch, open_catalog
 
     catalog = open_catalog(cfg)
     ns = cfg.iceberg["namespace"]
@@ -277,7 +277,7 @@ def forget(cfg: Config, users) -> dict:
     """Remove ``users`` (user ids) from everything the run at ``cfg.data_dir`` stores (see the
     module docstring); returns the audit record, also written to ``<data>/privacy/audit/``."""
     from jobs.sinks import atomic_write
-    from jobs.feast_store import view_name
+    from stores.feast_store import view_name
     from udfs.privacy import FORGET_FILE, ForgetList
     from udfs.spec import FeatureSpec
 

@@ -1,18 +1,18 @@
 """Off-policy evaluation on ``outcomes_v1``: what would a different policy have earned?
 
-    python -m jobs.ope --data-dir data/demo/run --policy uniform --reward click
-    python -m jobs.ope --data-dir data/demo/run --policy model --reward conversion --epsilon 0.1
-    python -m jobs.ope --data-dir data/demo/run --policy model --temperature 0.5
-    python -m jobs.ope --data-dir data/demo/run --policy my_policy.csv --reward click
+    python -m tools.ope --data-dir data/demo/run --policy uniform --reward click
+    python -m tools.ope --data-dir data/demo/run --policy model --reward conversion --epsilon 0.1
+    python -m tools.ope --data-dir data/demo/run --policy model --temperature 0.5
+    python -m tools.ope --data-dir data/demo/run --policy my_policy.csv --reward click
 
-Reads the outcome table (``jobs.analyst.read_table(load_config(), "outcome")``), keeps the
+Reads the outcome table (``tools.analyst.read_table(load_config(), "outcome")``), keeps the
 treatment arm by default (control rows were logged but not shown, their reward does not depend
 on the creative), and estimates the target policy's value with IPS, SNIPS, DM, DR and switch-DR
 (``udfs/ope.py``, the Open Bandit Pipeline's definitions). The actions of a decision are the
 creatives seen in the table for its campaign. Target policies:
 
 * ``uniform``: uniform over the campaign's creatives;
-* ``model``: the newest safe learned model (``jobs.serving.load_latest_model``), scoring the
+* ``model``: the newest safe learned model (``serving.serve.load_latest_model``), scoring the
   decision's context (placement, device, region, hour, campaign, user) with each candidate
   creative substituted; greedy on its predicted CTR (``--reward click``) or conversion
   probability (``--reward conversion``), ε-greedy with ``--epsilon``, softmax on the logit
@@ -92,7 +92,7 @@ def target_policy(prep: dict, policy: str, model=None, kind: str = "greedy", eps
         return ope.logging_policy(prep["action"], prep["pscore"], k)
     if policy == "model":
         if model is None:
-            from jobs.serving import load_latest_model
+            from serving.serve import load_latest_model
             model = load_latest_model()
         col = "ctr" if prep["reward_name"] == "click" else "conversion"
         return ope.policy_from_scores(model_scores(model, prep, col), k, kind, epsilon, temperature)
@@ -149,14 +149,14 @@ def main(argv=None) -> None:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=12345)
     args = p.parse_args(argv)
-    from jobs.analyst import read_table
+    from stores.iceberg_store import read_table
     from jobs.config import load_for_cli
 
     kind = "softmax" if args.temperature is not None else "epsilon-greedy" if args.epsilon is not None else "greedy"
     cfg = load_for_cli(args.data_dir)
     model = None
     if args.policy == "model":
-        from jobs.serving import load_latest_model
+        from serving.serve import load_latest_model
         model = load_latest_model(cfg=cfg)
     outcomes = read_table(cfg, "outcome")
     res = run(outcomes, args.policy, args.reward, model=model, kind=kind, epsilon=args.epsilon or 0.0,

@@ -21,7 +21,7 @@ byte for byte and moves the decision into Redis:
   cannot interleave with another writer's. Equal event time: the row is written again, so
   replaying a batch rewrites identical values (a no-op in effect); two *different* rows
   with the same key and event time are resolved by arrival order (the last one wins).
-  This is the rule of ``jobs.feast_sqlite`` (``WHERE excluded.event_ts >= event_ts``).
+  This is the rule of ``stores.feast_sqlite`` (``WHERE excluded.event_ts >= event_ts``).
   Feast's own writer skips an equal timestamp instead; for identical replays the two agree.
 * **Conflation**: the newest row per entity key of a frame is kept (stable, so the last of
   equal event times), before any batch is built: a key appears once per call.
@@ -35,7 +35,7 @@ byte for byte and moves the decision into Redis:
   cuts the blobs. Python builds only the key bytes per row. Field names are hashed once per view.
 
 Only Float64 features and string entity columns (the project's views) take this path;
-``supports`` tells, and ``jobs.feast_store.write_online`` falls back to Feast's writer
+``supports`` tells, and ``stores.feast_store.write_online`` falls back to Feast's writer
 otherwise and for Redis Cluster (a batch's keys span hash slots there). Event times before
 1970 are refused (Feast's layout stores them as 10-byte negative varints).
 
@@ -448,7 +448,7 @@ def _bench_frame(n_rows: int, n_features: int, ts: pd.Timestamp, seed: int) -> p
 
 
 def _feast_rows(view, df: pd.DataFrame):
-    """The rows ``jobs.feast_store.write_online`` hands to Feast's ``online_write_batch``."""
+    """The rows ``stores.feast_store.write_online`` hands to Feast's ``online_write_batch``."""
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
@@ -548,7 +548,7 @@ def freshness_probe(store, key_type: str, entity_rows, expected_as_of_ms, since:
     taken when the rows were handed to the writer, possibly in another process) or from
     the call, until Feast returns them. Raises ``TimeoutError`` after ``timeout_s``.
     """
-    from jobs.feast_store import view_name
+    from stores.feast_store import view_name
 
     entity_rows = list(entity_rows)
     expected = (list(expected_as_of_ms) if np.ndim(expected_as_of_ms)
@@ -570,12 +570,12 @@ def freshness_probe(store, key_type: str, entity_rows, expected_as_of_ms, since:
 
 
 def measure_freshness(store, key_type: str, df: pd.DataFrame, sample: int = 100, timeout_s: float = 30.0) -> dict:
-    """Writes ``df`` with ``jobs.feast_store.write_online`` and probes ``sample`` of its keys
+    """Writes ``df`` with ``stores.feast_store.write_online`` and probes ``sample`` of its keys
     (evenly spaced; reading every key of a large frame through Feast would time the read)
     until Feast returns them: write seconds, write-to-visible seconds, polls. In one process
     the rows are visible once the write returns (the script has run); a benchmark whose
     writer runs elsewhere (the features job) calls ``freshness_probe`` with ``since``."""
-    from jobs.feast_store import view_name, write_online
+    from stores.feast_store import view_name, write_online
 
     view = store.get_feature_view(view_name(key_type))
     ents = [c.name for c in view.entity_columns]

@@ -1,9 +1,9 @@
 """For analysts: read the Iceberg tables, compare interim and finalized conversion rates.
 
-    python -m jobs.analyst compare                  # conversion rate by campaign: now vs finalized vs naive
-    python -m jobs.analyst compare --data-dir data/demo/run
-    python -m jobs.analyst delay                    # the latest delay model per campaign and arm
-    python -m jobs.analyst sql "SELECT label_status, count(*) FROM outcomes GROUP BY 1"
+    python -m tools.analyst compare                  # conversion rate by campaign: now vs finalized vs naive
+    python -m tools.analyst compare --data-dir data/demo/run
+    python -m tools.analyst delay                    # the latest delay model per campaign and arm
+    python -m tools.analyst sql "SELECT label_status, count(*) FROM outcomes GROUP BY 1"
 
 ``compare`` puts side by side, per campaign: the conversion rate *estimated now*
 (mean of ``conversion_label`` over every decision, interim rows counting their
@@ -21,17 +21,9 @@ import numpy as np
 import pandas as pd
 
 from jobs.config import Config, load_for_cli
+from stores.iceberg_store import read_table  # noqa: F401 - part of the analysts' API
 
 __all__ = ["read_table", "duckdb_connection", "compare", "latest_delay_models", "accuracy"]
-
-
-def read_table(cfg: Config, name: str = "outcome", row_filter=None) -> pd.DataFrame:
-    """A table's current snapshot through pyiceberg (``name``: outcome, delay_model, quarantine)."""
-    from jobs.iceberg_store import open_tables
-
-    table = open_tables(cfg)[name]
-    scan = table.scan(row_filter=row_filter) if row_filter is not None else table.scan()
-    return scan.to_arrow().to_pandas()
 
 
 def duckdb_connection(cfg: Config):
@@ -39,7 +31,7 @@ def duckdb_connection(cfg: Config):
     Parquet data files of each table's current snapshot."""
     import duckdb
 
-    from jobs.iceberg_store import open_tables, table_files
+    from stores.iceberg_store import open_tables, table_files
 
     con = duckdb.connect()
     for name, table in open_tables(cfg).items():

@@ -6,7 +6,7 @@ upsert itself (``... DO UPDATE ... WHERE excluded.event_ts >= event_ts``), so
 no read is needed before a write, and writes a batch with one ``executemany``
 instead of a statement per value. Same table layout as Feast's store, so
 Feast reads it unchanged. Selected in feature_store.yaml with
-``type: jobs.feast_sqlite.GuardedSqliteOnlineStore``.
+``type: stores.feast_sqlite.GuardedSqliteOnlineStore``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ __all__ = ["GuardedSqliteOnlineStore", "GuardedSqliteOnlineStoreConfig"]
 
 
 class GuardedSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
-    type: Literal["jobs.feast_sqlite.GuardedSqliteOnlineStore"] = \
-        "jobs.feast_sqlite.GuardedSqliteOnlineStore"
+    type: Literal["stores.feast_sqlite.GuardedSqliteOnlineStore"] = \
+        "stores.feast_sqlite.GuardedSqliteOnlineStore"
 
 
 class GuardedSqliteOnlineStore(SqliteOnlineStore):

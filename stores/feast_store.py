@@ -1,8 +1,8 @@
 """Feast wiring: open the store of a run, apply the definitions, write features safely.
 
 Feast's SQLite online store overwrites a row whatever its event time, so the
-repo uses ``jobs.feast_sqlite.GuardedSqliteOnlineStore``, which never replaces a
-row with an older one (on Redis, ``jobs.feast_redis`` writes Feast's layout with
+repo uses ``stores.feast_sqlite.GuardedSqliteOnlineStore``, which never replaces a
+row with an older one (on Redis, ``stores.feast_redis`` writes Feast's layout with
 that rule checked atomically on the server). Offline, each slice
 becomes one Parquet file ``<data>/offline/<view>/slice-NNNNNNNN.parquet`` with a
 deterministic name, so a replayed slice rewrites its own file instead of adding
@@ -19,7 +19,13 @@ import yaml
 
 from jobs.config import ROOT, Config
 
-__all__ = ["open_store", "definitions", "write_online", "write_offline", "view_name"]
+__all__ = ["open_store", "definitions", "write_online", "write_offline", "view_name", "offline_root"]
+
+
+def offline_root(cfg: Config) -> str:
+    """Where the offline views' Parquet files go: ``feast.offline_dir`` (a folder or an ``s3://``
+    URL: the at-scale profile), else ``<data>/offline``."""
+    return str(cfg.feast.get("offline_dir") or cfg.data_dir / "offline").rstrip("/")
 
 
 def definitions(cfg: Config):
@@ -59,7 +65,10 @@ def repo_config(cfg: Config):
     raw = yaml.safe_load((ROOT / cfg.feast["repo"] / "feature_store.yaml").read_text())
     data = cfg.data_dir
     data.mkdir(parents=True, exist_ok=True)
-    raw["registry"] = str(data / "registry.db")
+    # a SQL registry (feast.registry: {registry_type: sql, path: <SQLAlchemy URL>}: the at-scale
+    # profile's PostgreSQL) or the run's file registry
+    registry = cfg.feast.get("registry")
+    raw["registry"] = dict(registry) if isinstance(registry, dict) else str(registry or data / "registry.db")
     if cfg.feast["online_store"] == "redis":
         raw["online_store"] = {"type": "redis", "connection_string": cfg.feast["redis_connection"]}
     else:
@@ -79,7 +88,8 @@ def open_store(cfg: Config, apply: bool = True):
         if apply:
             from udfs.spec import FeatureSpec
 
-            store.apply(definitions(cfg).build(FeatureSpec.from_config(cfg), cfg.data_dir / "offline"))
+            store.apply(definitions(cfg).build(FeatureSpec.from_config(cfg), offline_root(cfg),
+                                               s3_endpoint=cfg.feast.get("s3_endpoint")))
     return store
 
 
@@ -97,10 +107,10 @@ def write_online(store, key_type: str, df: pd.DataFrame) -> int:
     """Write feature rows to the online store; returns the rows handed to it.
 
     An older row never replaces a newer one. On Redis (``online_store.type: redis``)
-    the rows go through ``jobs.feast_redis``: Feast's layout, written by one Lua script
+    the rows go through ``stores.feast_redis``: Feast's layout, written by one Lua script
     per batch that compares event times on the server (atomic under concurrent
     writers; an equal event time rewrites, so a replay is a no-op in effect). On
-    SQLite the store's upsert keeps the newest row (``jobs.feast_sqlite``); rows go
+    SQLite the store's upsert keeps the newest row (``stores.feast_sqlite``); rows go
     to the provider's ``online_write_batch`` as protos: Feast's DataFrame path
     converts value by value through pandas, about twice as slow.
     """
@@ -110,7 +120,7 @@ def write_online(store, key_type: str, df: pd.DataFrame) -> int:
 
     view = store.get_feature_view(view_name(key_type))
     if getattr(store.config.online_store, "type", None) == "redis":
-        from jobs.feast_redis import write_frame
+        from stores.feast_redis import write_frame
 
         if write_frame(store, view, df) is not None:
             return len(df)
@@ -124,15 +134,24 @@ def write_online(store, key_type: str, df: pd.DataFrame) -> int:
     return len(rows)
 
 
-def write_offline(cfg: Config, key_type: str, seq: int, df: pd.DataFrame) -> Path | None:
+def write_offline(cfg: Config, key_type: str, seq: int, df: pd.DataFrame) -> str | None:
+    """One slice's rows of a view: ``<offline root>/<view>/slice-NNNNNNNN.parquet`` (a replay
+    rewrites the same file), renamed into place locally, one PUT on an object store."""
     if df is None or df.empty:
         return None
     from udfs.spec import FeatureSpec
 
-    folder = cfg.data_dir / "offline" / view_name(key_type, FeatureSpec.from_config(cfg))
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"slice-{seq:08d}.parquet"
+    root = offline_root(cfg)
+    name = f"{view_name(key_type, FeatureSpec.from_config(cfg))}/slice-{seq:08d}.parquet"
+    if "://" in root:
+        import fsspec
+
+        with fsspec.open(f"{root}/{name}", "wb") as f:       # an object appears whole or not at all
+            df.to_parquet(f, index=False)
+        return f"{root}/{name}"
+    path = Path(root) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     df.to_parquet(tmp, index=False)
     tmp.rename(path)
-    return path
+    return str(path)

@@ -1,6 +1,6 @@
 """One self-contained HTML page of plots from a run's tables and files (``make report``).
 
-    python -m jobs.report --data-dir data/demo/run [--out report.html]
+    python -m tools.report --data-dir data/demo/run [--out report.html]
 
 Plots (matplotlib, PNG embedded as data URIs: the page needs no other file):
 input and quarantine by reason per slice; feature freshness (fold -> readable online) per slice; CTR reliability diagram and AUC by model version;
@@ -66,7 +66,7 @@ def _empty(ax, why: str):
 
 
 def _table(cfg, name):
-    from jobs.analyst import read_table
+    from stores.iceberg_store import read_table
 
     try:
         return read_table(cfg, name)
@@ -271,7 +271,7 @@ def plot_drift(cfg):
 def plot_ope(out):
     fig, ax = _fig()
     try:
-        from jobs.ope import run as ope_run
+        from tools.ope import run as ope_run
 
         res = ope_run(out, policy="uniform", reward="click", n_boot=200)
     except Exception as e:                            # noqa: BLE001 - no logged decisions

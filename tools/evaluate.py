@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     import json
     import tempfile
 
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
 
     ap = argparse.ArgumentParser(description=(
         "uplift: simulate a stream, run the learner in process, print the uplift figures "

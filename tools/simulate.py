@@ -37,7 +37,7 @@ Two worlds (``world=``, CLI ``--world``):
 
 In both, ``truth/decisions.parquet`` records the true uplift of every decision.
 
-    python -m jobs.simulate --events 200000 --out data/sim --seed 7
+    python -m tools.simulate --events 200000 --out data/sim --seed 7
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """A real standalone Flink cluster from the apache-flink pip distribution, and job submission.
 
-    python -m jobs.cluster up        # bin/start-cluster.sh with FLINK_CONF_DIR=flink-conf/cluster
-    python -m jobs.cluster submit --job features --input data/sim --data-dir /abs/path
-    python -m jobs.cluster down      # bin/stop-cluster.sh
+    python -m tools.cluster up        # bin/start-cluster.sh with FLINK_CONF_DIR=flink-conf/cluster
+    python -m tools.cluster submit --job features --input data/sim --data-dir /abs/path
+    python -m tools.cluster down      # bin/stop-cluster.sh
 
-Submission is ``bin/flink run -py jobs/<job>.py -pyfs schemas,udfs,jobs -pyexec <venv python>``:
+Submission is ``bin/flink run -py jobs/<job>.py -pyfs schemas,udfs,jobs,stores,serving -pyexec <venv python>``:
 the same job file as the local run, only the configuration differs.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from jobs.config import ROOT
+from jobs.flink_env import python_files
 
 __all__ = ["flink_home", "up", "down", "submit", "rest_ready", "start_taskmanager", "taskmanager_pids",
            "job_status"]
@@ -209,7 +210,7 @@ def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = No
     cmd = ["bash", str(home / "bin" / "flink"), "run", *(["-p", str(parallelism)] if parallelism else []),
            *(flink_opts or []),
            "-py", str(ROOT / "jobs" / f"{job}.py"),
-           "-pyfs", ",".join(str(ROOT / p) for p in ("schemas", "udfs", "jobs")),
+           "-pyfs", python_files(),
            "-pyexec", sys.executable, "-pyclientexec", sys.executable,
            "--input", str(Path(input_dir).resolve()), "--data-dir", str(Path(data_dir).resolve()),
            *(extra or [])]

@@ -1,7 +1,7 @@
 """make demo: simulate traffic, run the features job then the outcomes job on the local mini-cluster,
 read features back from Feast and the outcomes from Iceberg.
 
-    python -m jobs.demo --events 200000 --data-dir data/demo
+    python -m tools.demo --events 200000 --data-dir data/demo
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(root / "run")
     cfg = load_config()
 
-    from jobs.simulate import simulate
+    from tools.simulate import simulate
     from jobs.features import run
 
     t0 = time.time()
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     # a feature consumer: read the three views for a few users from Feast
     import pandas as pd
 
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
     from udfs.decay import decay_to
     from udfs.features import parse_duration
 
@@ -89,10 +89,10 @@ def main(argv=None) -> None:
           f"({(now - as_of) / 3.6e6:.1f} h later): {decay_to(v, as_of, now, parse_duration('1d')):.3f}")
     outcomes_report(cfg, sim_dir)
     summary["learner"] = learner_report(cfg, sim_dir)
-    from jobs.report import build_report
+    from tools.report import build_report
 
     page = build_report(cfg)
-    print(f"\n== report: one HTML page of plots (python -m jobs.report) ==\n{page}")
+    print(f"\n== report: one HTML page of plots (python -m tools.report) ==\n{page}")
     summary["report"] = str(page)
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -101,7 +101,7 @@ def outcomes_report(cfg, sim_dir) -> dict:
     """Run the outcomes job on the features job's hand-off and compare with the ground truth."""
     import pandas as pd
 
-    from jobs.analyst import accuracy, compare
+    from tools.analyst import accuracy, compare
     from jobs.outcomes import run as run_outcomes
 
     s = run_outcomes(cfg)
@@ -132,7 +132,7 @@ def outcomes_report(cfg, sim_dir) -> dict:
         print(f"from interim labels   {oc['estimated']:.4f}   ({oc['estimated_relative_error']:+.1%} vs truth)")
         print(f"naive observed        {oc['naive']:.4f}   ({oc['naive_relative_error']:+.1%} vs truth)")
         print(f"truth                 {oc['true']:.4f}   (mean P(conversion within the window) of the simulator)")
-    print("\n-- python -m jobs.analyst compare: conversion rate by campaign, now vs finalized vs naive --")
+    print("\n-- python -m tools.analyst compare: conversion rate by campaign, now vs finalized vs naive --")
     with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
         print(compare(cfg).to_string(index=False))
     return {"summary": s, "open_cohorts": oc, "delay": acc["delay"].reset_index().to_dict("records")}
@@ -143,9 +143,9 @@ def learner_report(cfg, sim_dir) -> dict:
     then serve: newest snapshot + features from Feast -> calibrated CTR, conversion, uplift."""
     import pandas as pd
 
-    from jobs.evaluate import quality
+    from tools.evaluate import quality
     from jobs.learner import run as run_learner
-    from jobs.serving import score_requests
+    from serving.serve import score_requests
 
     s = run_learner(cfg)
     print("\n== learner job (local mini-cluster) -> model store + Iceberg learner_metrics_v1 ==")
@@ -191,7 +191,7 @@ def learner_report(cfg, sim_dir) -> dict:
     req = dec.tail(4)[["user_id", "campaign_id", "creative_id"]].assign(
         placement="feed", device="ios", region="eu", hour=int((now // HOUR_MS) % 24))
     model, scores = score_requests(cfg, req, now)
-    print("\n== serving: jobs.serving.load_latest_model() + features from Feast -> score ==")
+    print("\n== serving: serving.serve.load_latest_model() + features from Feast -> score ==")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
         print(pd.concat([req[["user_id", "campaign_id", "creative_id"]].reset_index(drop=True), scores], axis=1)
               .to_string(index=False))
@@ -208,7 +208,7 @@ def _last_snapshot_stats(cfg) -> dict | None:
 def _print_ate(ate: dict, truth, end_ms, label: str) -> None:
     import pandas as pd
 
-    from jobs.evaluate import ate_table
+    from tools.evaluate import ate_table
 
     if not ate:
         print(f"\n-- average treatment effect per campaign ({label}): no decision with a final label yet --")
@@ -231,8 +231,8 @@ def uplift_worlds_report(sim_args: dict) -> dict:
     """The observable-uplift world (holdout per decision, uplift a function of observable context
     cells) with the demo's settings, through the learner in process (no features job: the
     decayed features count as missing), delayed labels and oracle."""
-    from jobs.evaluate import learn_all, truth_handoff, uplift_quality
-    from jobs.simulate import simulate
+    from tools.evaluate import learn_all, truth_handoff, uplift_quality
+    from tools.simulate import simulate
     from udfs.learners import OnlineLearner
 
     d = sim_args.pop("dir")

@@ -10,14 +10,14 @@ Snapshots of the learner job live in a model store, any fsspec URL
 
 A serving process::
 
-    from jobs.serving import load_latest_model, features_from_feast
+    from serving.serve import load_latest_model, features_from_feast
     model = load_latest_model()                       # newest snapshot marked safe
     feats = features_from_feast(store, requests, now_ms)   # Feast online features, decayed to now
     scores = model.score(feats)                       # ctr, conversion, uplift, uplift_dr, model_version
 
 (``score_requests(cfg, requests, now_ms)`` does the three.)
 
-``python -m jobs.serving --data-dir data/demo/run`` does that for a few users.
+``python -m serving.serve --data-dir data/demo/run`` does that for a few users.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def features_from_feast(store, requests: pd.DataFrame, now_ms: int, spec=None) -
 def score_requests(cfg, requests: pd.DataFrame, now_ms: int) -> tuple[ServingModel, pd.DataFrame]:
     """What a serving process does per request batch: the newest safe model, the requests'
     features from Feast as of ``now_ms``, the scores (one row per request)."""
-    from jobs.feast_store import open_store
+    from stores.feast_store import open_store
     from udfs.spec import FeatureSpec
 
     model = load_latest_model(cfg=cfg)

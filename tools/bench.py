@@ -35,7 +35,7 @@ examples/s (an example: one decision scored first, then trained on its labels) a
 their CTR quality (AUC, log loss, ECE on the treatment arm after the first day). Results go to
 ``<out>/features.json``, and the headline numbers to ``<out>/summary.json``.
 
-    python -m jobs.bench --events 1000000 --out bench/results
+    python -m tools.bench --events 1000000 --out bench/results
 """
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ def run_learner(features_dir: Path, data: Path) -> dict:
 
 def run_learner_engine_only(cfg, features_dir: Path, truth, t0: int) -> dict:
     """OnlineLearner in process over the hand-off (reading the slices left out of the time)."""
-    from jobs.evaluate import ctr_quality, learn_all
+    from tools.evaluate import ctr_quality, learn_all
     from udfs.ingest import handoff_lines, read_handoff
     from udfs.learners import OnlineLearner
 
@@ -403,7 +403,7 @@ def run_learner_engine_only(cfg, features_dir: Path, truth, t0: int) -> dict:
 
 
 def run_vowpal(cfg, features_dir: Path, truth, t0: int) -> dict:
-    from jobs.evaluate import ctr_quality, vw_scores
+    from tools.evaluate import ctr_quality, vw_scores
 
     scores, timing = vw_scores(cfg, features_dir)
     return {"examples": timing["scored"], "seconds": timing["seconds"],
@@ -564,7 +564,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sim = out / f"sim-{args.events}"
     if not (sim / "truth" / "summary.json").exists():
-        from jobs.simulate import simulate
+        from tools.simulate import simulate
 
         simulate(sim, events=args.events, users=100_000, days=7.0, slice_lines=50_000, seed=7)
     from udfs.ingest import manifest_lines
@@ -667,7 +667,7 @@ def main(argv=None) -> None:
                           "net_examples_per_second": round(n / (lj["wall_seconds"] - startup)),
                           "learner_seconds": lj["learner_seconds"], "snapshots": lj["snapshots"]}
     save()
-    from jobs.evaluate import truth_labels
+    from tools.evaluate import truth_labels
     from udfs.features import parse_duration
 
     truth = truth_labels(cfg, sim)

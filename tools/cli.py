@@ -11,20 +11,20 @@ __all__ = ["COMMANDS", "main"]
 
 #: command -> (module whose main() runs it, what it does)
 COMMANDS = {
-    "simulate": ("jobs.simulate", "generate a traffic stream (decisions, clicks, conversions) with its truth"),
+    "simulate": ("tools.simulate", "generate a traffic stream (decisions, clicks, conversions) with its truth"),
     "features": ("jobs.features", "the features job: decayed features to Feast, enriched decisions, hand-off"),
     "outcomes": ("jobs.outcomes", "the outcomes job: decisions joined to outcomes, delayed labels, Iceberg"),
     "learner": ("jobs.learner", "the learner job: online CTR, conversion and uplift models, snapshots"),
-    "serve": ("jobs.serving", "score decisions with the newest model and features read from Feast"),
-    "ope": ("jobs.ope", "off-policy evaluation of a target policy on outcomes_v1"),
+    "serve": ("serving.serve", "score decisions with the newest model and features read from Feast"),
+    "ope": ("tools.ope", "off-policy evaluation of a target policy on outcomes_v1"),
     "dq": ("jobs.dq", "the Great Expectations suites on a run's tables (exit 1 if one broke)"),
-    "report": ("jobs.report", "one self-contained HTML page of plots from a run's tables"),
-    "analyst": ("jobs.analyst", "read the tables: SQL through DuckDB, per-campaign effects, delay models"),
-    "privacy": ("jobs.privacy", "forget users: Feast, files, Iceberg (snapshots expired), audit record"),
-    "cluster": ("jobs.cluster", "a standalone Flink cluster: up, down, submit, status"),
-    "evaluate": ("jobs.evaluate", "uplift figures on a simulated stream (in process)"),
-    "bench": ("jobs.bench", "the benchmarks against their baselines (make bench)"),
-    "demo": ("jobs.demo", "simulate, run the three jobs, read everything back (make demo)"),
+    "report": ("tools.report", "one self-contained HTML page of plots from a run's tables"),
+    "analyst": ("tools.analyst", "read the tables: SQL through DuckDB, per-campaign effects, delay models"),
+    "privacy": ("tools.privacy", "forget users: Feast, files, Iceberg (snapshots expired), audit record"),
+    "cluster": ("tools.cluster", "a standalone Flink cluster: up, down, submit, status"),
+    "evaluate": ("tools.evaluate", "uplift figures on a simulated stream (in process)"),
+    "bench": ("tools.bench", "the benchmarks against their baselines (make bench)"),
+    "demo": ("tools.demo", "simulate, run the three jobs, read everything back (make demo)"),
 }
 
 

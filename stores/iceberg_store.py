@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from jobs.config import Config
 
-__all__ = ["open_catalog", "ensure_table", "open_tables", "last_epoch", "commit_epoch", "commit_append",
+__all__ = ["read_table", "open_catalog", "ensure_table", "open_tables", "last_epoch", "commit_epoch", "commit_append",
            "write_day_files", "commit_day_files",
            "commit_partitions", "table_files", "EPOCH_PROPERTY"]
 
@@ -215,3 +215,11 @@ def table_files(table) -> list[str]:
     """Local paths of the data files of the table's current snapshot (for independent readers)."""
     table.refresh()
     return [t.file.file_path.removeprefix("file://") for t in table.scan().plan_files()]
+
+
+def read_table(cfg: Config, name: str = "outcome", row_filter=None):
+    """A table's current snapshot through pyiceberg, as a pandas frame (``name``: a key of
+    ``schemas.TABLES``: outcome, delay_model, quarantine, learner_metrics, dq_result)."""
+    table = open_tables(cfg)[name]
+    scan = table.scan(row_filter=row_filter) if row_filter is not None else table.scan()
+    return scan.to_arrow().to_pandas()
