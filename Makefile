@@ -10,7 +10,7 @@ EVENTS ?= 200000
 JOB ?= features
 
 .DEFAULT_GOAL := help
-.PHONY: help venv redis chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
+.PHONY: help venv redis postgres chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -38,7 +38,11 @@ redis: ## install Debian's redis-server if missing (the Feast-on-Redis tests sta
 	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
-test: $(STAMP) redis chromium ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis)
+postgres: ## install Debian's postgresql if missing (the at-scale test starts its own server on a free port)
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+test: $(STAMP) redis postgres chromium ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis, the at-scale profile on PostgreSQL + S3 + Redis)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP) ## unit tests only (no JVM)

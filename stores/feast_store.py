@@ -68,7 +68,7 @@ def repo_config(cfg: Config):
     # a SQL registry (feast.registry: {registry_type: sql, path: <SQLAlchemy URL>}: the at-scale
     # profile's PostgreSQL) or the run's file registry
     registry = cfg.feast.get("registry")
-    raw["registry"] = dict(registry) if isinstance(registry, dict) else str(registry or data / "registry.db")
+    raw["registry"] = dict(registry) if hasattr(registry, "keys") else str(registry or data / "registry.db")
     if cfg.feast["online_store"] == "redis":
         raw["online_store"] = {"type": "redis", "connection_string": cfg.feast["redis_connection"]}
     else:

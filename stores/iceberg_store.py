@@ -47,8 +47,8 @@ def open_catalog(cfg: Config):
 
     data = cfg.data_dir
     props = {k: str(v).replace("{data_dir}", str(data)) for k, v in cfg.iceberg["catalog"].items()}
-    if props.get("type") == "sql":
-        (data / "iceberg" / "warehouse").mkdir(parents=True, exist_ok=True)
+    if props.get("type") == "sql" and str(props.get("uri", "")).startswith("sqlite:"):
+        (data / "iceberg" / "warehouse").mkdir(parents=True, exist_ok=True)     # the embedded default
     catalog = load_catalog(cfg.iceberg["catalog_name"], **props)
     ns = cfg.iceberg["namespace"]
     if (ns,) not in catalog.list_namespaces():

@@ -37,24 +37,34 @@ def _pg_bin(name: str) -> str:
 def postgres_server(work: Path, db: str = "streamlift", user: str = "streamlift", password: str = "pg-test-secret"):
     """A PostgreSQL server on a free port; yields its SQLAlchemy URL (postgresql+psycopg2) and
     the parts (host, port, db, user, password)."""
+    as_root = os.geteuid() == 0
+    if as_root:
+        # postgres refuses to run as root: the server runs as the postgres user, in a folder of
+        # its own under /tmp (pytest's folders under /tmp/pytest-of-root are closed to it)
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="streamlift-pg-"))
+        shutil.chown(work, "postgres")
     work = Path(work)
     data, sock = work / "pgdata", work / "pgsock"
     sock.mkdir(parents=True, exist_ok=True)
-    as_root = os.geteuid() == 0
-    if as_root:                                   # postgres refuses to run as root
-        shutil.chown(work, "postgres")
+    if as_root:
         shutil.chown(sock, "postgres")
     run = (lambda cmd: ["runuser", "-u", "postgres", "--", *cmd]) if as_root else (lambda cmd: cmd)
     pwfile = work / "pw"
     pwfile.write_text(password + "\n")
     if as_root:
         shutil.chown(pwfile, "postgres")
-    subprocess.run(run([_pg_bin("initdb"), "-D", str(data), "-U", user, "--pwfile", str(pwfile),
-                        "--auth", "scram-sha-256", "-E", "UTF8"]), check=True, capture_output=True)
+    def check(cmd):
+        r = subprocess.run(run(cmd), capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
+
+    check([_pg_bin("initdb"), "-D", str(data), "-U", user, "--pwfile", str(pwfile),
+           "--auth", "scram-sha-256", "-E", "UTF8"])
     port = free_port()
-    subprocess.run(run([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(work / "pg.log"), "-w", "-t", "60",
-                        "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"]),
-                   check=True, capture_output=True)
+    check([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(work / "pg.log"), "-w", "-t", "60",
+           "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"])
     try:
         import psycopg2
 
@@ -74,6 +84,8 @@ def postgres_server(work: Path, db: str = "streamlift", user: str = "streamlift"
         yield url, {"host": "127.0.0.1", "port": port, "db": db, "user": user, "password": password}
     finally:
         subprocess.run(run([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
+        if as_root:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager
