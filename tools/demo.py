@@ -118,6 +118,10 @@ def outcomes_report(cfg, sim_dir) -> dict:
     if dq:
         print(f"data quality     {'every expectation held' if dq['success'] else str(dq['failed']) + ' BROKEN'}"
               f"   (Great Expectations suites; Data Docs: {dq['docs']})")
+    edq = s.get("epoch_data_quality") or {}
+    if edq.get("epochs_checked"):
+        print(f"epoch checks     {edq['epochs_checked']:>10,}   epochs validated in the job, "
+              f"{edq['failed']} expectation(s) broken")
     for w in s.get("warnings", []):
         print(f"warning: {w}")
     acc = accuracy(cfg, sim_dir)
