@@ -134,14 +134,21 @@ def test_job_metrics_in_the_rest_api(cluster, small_sim, tmp_path):
         n_slices = len(manifest_lines(small_sim))
         wait_for(lambda: len(list((feats / "stats").glob("slice-*.json"))) == n_slices, timeout=300,
                  what="the features job did not write every slice")
-        s = summarize(cfg_for(feats))
+        online_every = int(cfg_for(feats).features["online_every"])      # each writer writes every 4th slice
+        writes = 2 * (n_slices // online_every)
 
-        def settled():                   # Flink's metric fetcher refreshes every few seconds
+        def settled():
+            # Flink's metric fetcher refreshes every few seconds, and the Feast writers finish a
+            # slice's online rows after its stats: read both until they agree
+            s = summarize(cfg_for(feats))
             m = cluster.job_metrics("streamlift-features")
-            merge = m.get("merge-write", {})
-            return m if merge.get("events_in") == s["events_in"] and merge.get("slices") == n_slices else None
+            merge, online = m.get("merge-write", {}), m.get("feast-online", {})
+            done = merge.get("events_in") == s["events_in"] and merge.get("slices") == n_slices and \
+                len(list((feats / "stats").glob("online-*.json"))) == writes and \
+                online.get("online_rows") == sum(s["feature_rows_online"].values())
+            return (m, s) if done else None
 
-        m = wait_for(settled, timeout=90, every=2, what="metrics did not reach the slices' totals")
+        m, s = wait_for(settled, timeout=120, every=2, what="metrics did not reach the slices' totals")
         merge = m["merge-write"]
         assert merge["events_processed"] == s["processed"]
         assert merge["quarantined"] == s["quarantined"] > 0
@@ -149,7 +156,7 @@ def test_job_metrics_in_the_rest_api(cluster, small_sim, tmp_path):
         assert by_reason == {k: float(v) for k, v in s["quarantined_by_reason"].items()}, (by_reason, s)
         gauges = cluster.job_metrics("streamlift-features", agg="max")
         assert gauges["merge-write"]["last_slice_seq"] == n_slices - 1
-        assert m["feast-online"]["online_rows"] == sum(s["feature_rows_online"].values())
+        assert m["feast-online"]["online_rows"] == sum(s["feature_rows_online"].values()) > 0
         assert 0 < gauges["feast-online"]["freshness_p50_ms"] <= gauges["feast-online"]["freshness_p99_ms"]
     finally:
         cluster.cancel("streamlift-features")
