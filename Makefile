@@ -10,7 +10,7 @@ EVENTS ?= 200000
 JOB ?= features
 
 .DEFAULT_GOAL := help
-.PHONY: help venv redis postgres chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
+.PHONY: help venv kafka-jars kafka-up kafka-down redis postgres chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependency set
 
-demo: $(STAMP) ## simulate EVENTS events, run the features, outcomes and learner jobs locally, read features, tables, models back
+demo: $(STAMP) $(KAFKA_STAMP) ## simulate EVENTS events, run the features, outcomes and learner jobs locally, read features, tables, models back
 	$(BIN)/python -m tools.demo --events $(EVENTS) --data-dir $(DATA)/demo
 
 report: $(STAMP) ## one HTML page of plots from the demo's run (after make demo): $(DATA)/demo/run/report.html
@@ -34,6 +34,22 @@ chromium: ## install Debian's chromium if missing (the report test opens the pag
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+JVM := .jvm
+KAFKA_STAMP := $(JVM)/.fetched
+
+$(KAFKA_STAMP): kafka/pom.xml
+	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(JVM))/kafka-broker
+	mvn -q -B -f kafka/pom.xml -P connector dependency:copy-dependencies -DincludeArtifactIds=flink-sql-connector-kafka -DoutputDirectory=$(abspath $(JVM))/connectors
+	touch $(KAFKA_STAMP)
+
+kafka-jars: $(KAFKA_STAMP) ## fetch the Kafka broker and the Flink Kafka connector from Maven Central (versions in kafka/pom.xml)
+
+kafka-up: $(STAMP) $(KAFKA_STAMP) ## start a local Kafka broker (KRaft) on KAFKA_PORT (default 9092), data in $(DATA)/kafka
+	$(BIN)/python -m tools.broker up --dir $(DATA)/kafka $(if $(KAFKA_PORT),--port $(KAFKA_PORT))
+
+kafka-down: $(STAMP) ## stop the local Kafka broker
+	$(BIN)/python -m tools.broker down --dir $(DATA)/kafka
+
 redis: ## install Debian's redis-server if missing (the Feast-on-Redis tests start their own on a free port)
 	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
@@ -42,13 +58,13 @@ postgres: ## install Debian's postgresql if missing (the at-scale test starts it
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 
-test: $(STAMP) redis postgres chromium ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis, the at-scale profile on PostgreSQL + S3 + Redis)
+test: $(STAMP) $(KAFKA_STAMP) redis postgres chromium ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis, the at-scale profile on PostgreSQL + S3 + Redis)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP) ## unit tests only (no JVM)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP) ## features, outcomes, learner jobs vs baselines (naive state, Flink SQL, Vowpal Wabbit) on 1M events; ONLY=features|outcomes|learner
+bench: $(STAMP) $(KAFKA_STAMP) ## features, outcomes, learner jobs vs baselines (naive state, Flink SQL, Vowpal Wabbit) on 1M events; ONLY=features|outcomes|learner
 	$(BIN)/python -m tools.bench --events 1000000 --out bench/results --only $(or $(ONLY),all)
 
 simulate: $(STAMP) ## write simulated traffic to $(DATA)/sim

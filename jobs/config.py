@@ -105,6 +105,7 @@ class Config:
     learner: MappingProxyType
     limits: MappingProxyType
     privacy: MappingProxyType
+    kafka: MappingProxyType
 
     @property
     def data_dir(self) -> Path:

@@ -121,8 +121,9 @@ def suite_expectations(suite: dict, columns, params: dict, previous: dict | None
 def frames(cfg: Config) -> dict:
     """{suite name: (suite, frame, feature columns)} for the run at ``cfg.data_dir``; a data set
     the run has not written is left out."""
-    from stores.iceberg_store import read_table
     from jobs.sinks import read_enriched
+    from stores.feast_store import offline_root
+    from stores.iceberg_store import read_table
     from udfs.spec import FeatureSpec
 
     out = {}
@@ -139,7 +140,8 @@ def frames(cfg: Config) -> dict:
         elif data == "offline":
             spec = FeatureSpec.from_config(cfg)
             for kt in spec.key_type_names:
-                files = sorted((cfg.data_dir / "offline" / spec.view_name(kt)).glob("*.parquet"))
+                # a local offline root only (an s3:// one: the suite is left out)
+                files = sorted((Path(offline_root(cfg)) / spec.view_name(kt)).glob("*.parquet"))
                 if files:
                     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
                     out[f"{name}:{spec.view_name(kt)}"] = (suite, df, tuple(spec.feature_names()))

@@ -4,6 +4,7 @@ or ``STREAMLIFT_FLINK__PARALLELISM``).
 
 ::
 
+    Kafka topics, batched per event-time window (jobs/kafka.py), or
     FileSource(<input>/manifest)          one JSON line per slice (bounded, or --follow)
       │ str
       ▼ read-validate       [Python × P]   read the slice's files, validate against schemas/ (bad records
@@ -26,6 +27,8 @@ of every slice, so the shards advance together on one clock, and the outputs do 
 on P (tested at 1 and 2, on the mini-cluster and on a standalone cluster with two
 TaskManagers). State is per shard: change P with a new run.
 
+    python -m jobs.features --bootstrap-servers localhost:9092               # Kafka, unbounded
+    python -m jobs.features --bootstrap-servers localhost:9092 --until latest  # Kafka backfill, then exit
     python -m jobs.features --input data/sim            # bounded backfill, then exit
     python -m jobs.features --input data/sim --follow   # keep watching for new slices
     python -m jobs.features --input data/sim --follow --from-checkpoint data/checkpoints/<job>/chk-N
@@ -67,8 +70,10 @@ def read_validate(manifest_line: str, shards: int, limits: dict | None = None, f
     return [(i, pickle.dumps(p, protocol=5)) for i, p in enumerate(parts)]
 
 
-def build(env, cfg: Config, input_dir: Path, follow: bool = False):
-    """Wire the job into ``env``; returns the stream of per-slice stats (JSON strings)."""
+def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka: dict | None = None):
+    """Wire the job into ``env``; returns the stream of per-slice stats (JSON strings). The
+    source: the slice files under ``input_dir``, or with ``kafka`` (``{"bootstrap": ...,
+    "until": "latest" | None, "startup": ...}``) the contracts' topics (``jobs/kafka.py``)."""
     from pyflink.common import Types
     from pyflink.datastream import FlatMapFunction, MapFunction, OutputTag
 
@@ -245,9 +250,15 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
                 self.metrics.set("freshness_p99_ms", fresh["p99"] * 1000)
             return json.dumps(stats)
 
-    manifests = group(line_source(env, Path(input_dir) / "manifest", follow, "slice-manifests"), "read")
-    parts = group(manifests.flat_map(ReadValidate(), output_type=keyed)
-                  .name("read-validate").uid("read-validate").set_parallelism(p), "read")
+    if kafka is not None:
+        from jobs.kafka import kafka_parts
+
+        parts = kafka_parts(env, cfg, p, keys, kafka.get("bootstrap"), kafka.get("until"), kafka.get("startup"),
+                            group=group)
+    else:
+        manifests = group(line_source(env, Path(input_dir) / "manifest", follow, "slice-manifests"), "read")
+        parts = group(manifests.flat_map(ReadValidate(), output_type=keyed)
+                      .name("read-validate").uid("read-validate").set_parallelism(p), "read")
     attributed = group(parts.key_by(lambda t: t[0], key_type=Types.INT())
                        .process(stage_function("attribution", AttributionStage,
                                                lambda key: template.router_params(shard_of_key[key]),
@@ -272,9 +283,11 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     return merged.union(online)
 
 
-def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | None = None) -> dict:
-    """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
-    ``follow``; returns a summary."""
+def run(cfg: Config, input_dir: Path | None, follow: bool = False, overrides: dict | None = None,
+        kafka: dict | None = None) -> dict:
+    """Run the job (local mini-cluster, or the cluster under ``flink run``) on the files under
+    ``input_dir`` (bounded unless ``follow``) or on Kafka (``kafka``: see :func:`build`); returns
+    a summary."""
     from stores.feast_store import open_store
     from jobs.flink_env import job_env, terminate
     from jobs.sinks import summarize
@@ -284,10 +297,11 @@ def run(cfg: Config, input_dir: Path, follow: bool = False, overrides: dict | No
     open_store(cfg, apply=True)            # register entities and views before writing
     t0 = time.time()
     env = job_env(cfg, checkpoint_dir=data / "checkpoints", overrides=overrides)
-    terminate(build(env, cfg, input_dir, follow))
+    terminate(build(env, cfg, input_dir, follow, kafka=kafka))
     from jobs.progress import Progress, count_lines
 
-    with Progress("features", data, None if follow else count_lines(Path(input_dir) / "manifest")):
+    total = None if (follow or kafka is not None) else count_lines(Path(input_dir) / "manifest")
+    with Progress("features", data, total):
         env.execute("streamlift-features")
     wall = time.time() - t0
     summary = summarize(cfg)
@@ -301,14 +315,21 @@ def main(argv=None) -> None:
 
     quiet_third_party_warnings()
     p = argparse.ArgumentParser(description="streamlift features job")
-    p.add_argument("--input", required=True, help="simulator/producer output folder (with manifest/)")
+    p.add_argument("--input", help="read slice files from this folder (with manifest/) instead of Kafka")
     p.add_argument("--data-dir", help="override paths.data_dir")
-    p.add_argument("--follow", action="store_true", help="keep monitoring for new slices")
+    p.add_argument("--follow", action="store_true", help="files: keep monitoring for new slices")
+    p.add_argument("--bootstrap-servers", help="Kafka: override kafka.bootstrap_servers")
+    p.add_argument("--until", choices=["latest", "never"], default="never",
+                   help="Kafka: read up to the offsets current at start, then end (backfills), or never end")
+    p.add_argument("--startup", choices=["earliest-offset", "latest-offset", "group-offsets"],
+                   help="Kafka: where a new job starts reading (a restored one resumes at its checkpoint)")
     p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
     args = p.parse_args(argv)
     cfg = load_for_cli(args.data_dir)
     overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
-    summary = run(cfg, Path(args.input), args.follow, overrides=overrides)
+    kafka = None if args.input else {"bootstrap": args.bootstrap_servers, "until": args.until,
+                                      "startup": args.startup}
+    summary = run(cfg, Path(args.input) if args.input else None, args.follow, overrides=overrides, kafka=kafka)
     print(json.dumps(summary, indent=2))
 
 

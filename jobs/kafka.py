@@ -1,192 +1,312 @@
-"""Kafka as a source of the event streams: Flink SQL DDL, one table per contract.
+"""Kafka as the source of the event streams: one topic per contract and version, read by
+Flink's Kafka connector, batched in Java, validated and sliced in Python.
 
-Not wired into the jobs: they read files (``jobs.flink_env.line_source``). This module is the
-configuration a team needs to read the same contracts from Kafka, generated from
-``schemas/`` so it cannot drift from the validator:
+::
 
-* one topic per contract, ``<prefix><name>.v<version>`` (``streamlift.decision.v1``);
-* ``format = json``, columns from :meth:`schemas.Contract.flink_sql_columns`;
-* event time: a computed ``rowtime`` column from the record's timestamp, by default the
-  contract's time field (``event_time``, epoch ms: the time the jobs' watermark uses) or,
-  with ``time_source="kafka"``, the Kafka record timestamp (``METADATA FROM 'timestamp'``);
-  ``WATERMARK FOR rowtime AS rowtime - <features.out_of_orderness>``.
+    topics streamlift.decision.v1, .click.v1, .conversion.v1  (keyed by decision_id; record
+      │                                   timestamp = event time; format raw: the bytes as sent)
+      ▼ KafkaSource (Flink SQL table, offsets in Flink's checkpoints; bounded with --until latest)
+      │   watermark per partition: its max record timestamp - features.out_of_orderness
+      │   (partitions idle for kafka.idle_timeout do not hold it back)
+      ▼ mark   [Java]  hw = MAX(timestamp) per (topic, partition) in offset order (OVER … ORDER BY
+      │                proctime: each partition is read in offset order by one reader)
+      │        late  ⇔  timestamp <= hw - out_of_orderness   (the partition's own high-water mark:
+      │                 the same on every run, at any parallelism, whatever other partitions do)
+      │               or timestamp <= the current watermark (only after an idle partition woke up)
+      ├── on time ─► TUMBLE(timestamp, kafka.batch_interval) GROUP BY topic, partition  [Java]
+      │              one row per window and partition: LISTAGG of the Base64 values
+      │                ▼ kafka-read   [Python × P]  udfs.kafka_batch.decode_batch: validate -> quarantine
+      ├── late ───────►┤ (one row per record: rare)
+      │                ▼ kafka-gather [Python × 1]  on the watermark passing a window's end: the
+      │                                             window's batches -> one slice (seq = windows so
+      │                                             far), split by hash(decision_id) into shard parts
+      ▼                                             with clock = window end - 1 ms
+    the features pipeline (attribution, accumulate, merge-write, feast-online) as for files
 
->>> from jobs.config import load
->>> ddl = source_ddl(CONTRACTS["click"], out_of_orderness="5m", bootstrap_servers="kafka:9092")
->>> print(ddl.splitlines()[0])
-CREATE TABLE IF NOT EXISTS `kafka_click_v1` (
->>> "'topic' = 'streamlift.click.v1'" in ddl, "'format' = 'json'" in ddl
-(True, True)
->>> print([l.strip() for l in ddl.splitlines() if l.strip().startswith("WATERMARK")][0])
-WATERMARK FOR `rowtime` AS `rowtime` - INTERVAL '0 00:05:00.000' DAY TO SECOND(3)
->>> sorted(source_ddls(load(env={}), bootstrap_servers="kafka:9092"))
-['click', 'conversion', 'decision']
+Why it is exact: a record that is on time by its partition's rule has a timestamp above every
+watermark emitted before it (each is at most that partition's high-water mark minus the
+bound), so the window it falls in has not fired: windows never drop it, and every window's
+content is a function of the topics' contents alone. The slices are the non-empty windows in
+order, so the outputs are the same on replay and at any parallelism (tested).
 
-The connector boundary
-----------------------
-Executing this DDL needs the Flink SQL Kafka connector, a Java jar that is not part of the
-``apache-flink`` pip package (and could not be fetched where this was written, so no DDL here
-was ever executed against Flink or a broker). Take ``flink-sql-connector-kafka-<connector
-version>-<Flink major.minor>.jar`` matching the cluster's Flink (Maven Central,
-``org.apache.flink:flink-sql-connector-kafka``) and put it on the classpath one of three ways:
-
-* in the image: ``docker build --build-arg KAFKA_CONNECTOR_URL=<jar URL>`` (``docker/Dockerfile``
-  adds it to ``/opt/flink/lib`` of every JobManager and TaskManager);
-* per submission: ``flink run -j /path/flink-sql-connector-kafka.jar -py jobs/<job>.py ...``;
-* in the configuration: ``pipeline.jars: file:///opt/flink/usrlib/flink-sql-connector-kafka.jar``
-  (``flink-conf/<profile>/config.yaml``; or ``env.add_jars(...)`` / ``table_env.get_config().set(
-  "pipeline.jars", ...)`` in the job).
-
-Then :func:`create_sources` registers the tables and ``table_env.from_path("kafka_decision_v1")``
-reads them. Untested here: the connector itself, the broker, offsets and exactly-once reading,
-and how the jobs would consume the rows (they take one slice of lines per element today). With
-``format = json`` a record that does not parse either fails the job or, with
-``json.ignore-parse-errors``, becomes NULLs silently; to keep the project's validator and its
-quarantine reasons, read ``format = raw`` (:func:`raw_source_ddl`: the line as one STRING column)
-and validate with ``udfs.validation`` as the file path does.
+Python is entered once per window and partition (``kafka.batch_interval`` of event time), never
+once per record, except for late records. Per-record work in Java: decode, the running max,
+Base64 and the string aggregation.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import datetime as _dt
+import glob
+import pickle
+import time
+from pathlib import Path
 
 from schemas import CONTRACTS, Contract
 from udfs.spec import parse_duration
 
-__all__ = ["topic_name", "table_name", "source_ddl", "raw_source_ddl", "source_ddls",
-           "create_sources", "watermark_interval"]
+__all__ = ["TOPIC_PREFIX", "topic_name", "topics", "connector_jar", "client_config", "check_topics",
+           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing"]
 
 TOPIC_PREFIX = "streamlift."
+TABLE = "streamlift_kafka_in"
+
+
+class TopicMissing(RuntimeError):
+    """A topic the job reads does not exist on the broker."""
 
 
 def topic_name(contract: Contract, prefix: str = TOPIC_PREFIX) -> str:
-    """``streamlift.decision.v1``: one topic per contract and version."""
+    """``streamlift.decision.v1``: one topic per contract and version.
+
+    >>> topic_name(CONTRACTS["click"])
+    'streamlift.click.v1'
+    """
     return f"{prefix}{contract.name}.v{contract.version}"
 
 
-def table_name(contract: Contract) -> str:
-    return f"kafka_{contract.qualified_name}"
+def topics(cfg) -> dict[str, str]:
+    """topic -> stream (contract name) of every event contract, with ``kafka.topic_prefix``."""
+    prefix = cfg.kafka.get("topic_prefix", TOPIC_PREFIX)
+    return {topic_name(c, prefix): name for name, c in CONTRACTS.items()}
 
 
-def watermark_interval(out_of_orderness) -> str:
+def sql_interval(duration) -> str:
     """A Flink SQL interval literal for a duration, ``DAY TO SECOND(3)`` (a plain ``SECOND``
-    interval allows two digits only: ``INTERVAL '300' SECOND`` is rejected by Flink's parser).
+    interval allows two digits only).
 
-    >>> watermark_interval("5m"), watermark_interval("1500ms"), watermark_interval("7d")
-    ("INTERVAL '0 00:05:00.000' DAY TO SECOND(3)", "INTERVAL '0 00:00:01.500' DAY TO SECOND(3)", "INTERVAL '7 00:00:00.000' DAY TO SECOND(3)")
+    >>> sql_interval("5m"), sql_interval("1500ms")
+    ("INTERVAL '0 00:05:00.000' DAY TO SECOND(3)", "INTERVAL '0 00:00:01.500' DAY TO SECOND(3)")
     """
-    ms = parse_duration(out_of_orderness)
+    ms = parse_duration(duration)
     if ms < 0:
-        raise ValueError(f"negative out_of_orderness: {out_of_orderness!r}")
+        raise ValueError(f"negative duration: {duration!r}")
     days, rest = divmod(ms, 86_400_000)
     if days > 99:
-        raise ValueError(f"out_of_orderness over 99 days: {out_of_orderness!r}")
+        raise ValueError(f"duration over 99 days: {duration!r}")
     h, rest = divmod(rest, 3_600_000)
     m, rest = divmod(rest, 60_000)
     sec, milli = divmod(rest, 1000)
     return f"INTERVAL '{days} {h:02d}:{m:02d}:{sec:02d}.{milli:03d}' DAY TO SECOND(3)"
 
 
-def _quote(v) -> str:
-    return "'" + str(v).replace("'", "''") + "'"
+def connector_jar(cfg) -> str:
+    """The Flink Kafka connector jar (``kafka.connector_jar``, else the one ``make kafka-jars``
+    fetched), as a ``file://`` URI for ``pipeline.jars``."""
+    from jobs.config import ROOT
+
+    jar = cfg.kafka.get("connector_jar") or ""
+    if not jar:
+        found = sorted(glob.glob(str(ROOT / ".jvm" / "connectors" / "flink-sql-connector-kafka-*.jar")))
+        if not found:
+            raise FileNotFoundError("the Flink Kafka connector jar is missing: run `make kafka-jars` (fetches "
+                                    "org.apache.flink:flink-sql-connector-kafka from Maven Central) or set "
+                                    "kafka.connector_jar")
+        jar = found[-1]
+    return jar if "://" in jar else Path(jar).resolve().as_uri()
 
 
-def _with(options: dict) -> str:
-    return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
+def client_config(cfg, bootstrap: str | None = None) -> dict:
+    """Kafka client settings (Java/librdkafka names: ``security.protocol``, ``sasl.mechanism``,
+    ``sasl.username``, ...) from ``kafka.properties``, with ``bootstrap.servers``."""
+    conf = {str(k): str(v) for k, v in dict(cfg.kafka.get("properties") or {}).items()}
+    conf["bootstrap.servers"] = bootstrap or cfg.kafka["bootstrap_servers"]
+    return conf
 
 
-def _options(contract, bootstrap_servers, group_id, topic_prefix, startup_mode, fmt, properties):
+def check_topics(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> dict[str, int]:
+    """topic -> partition count of every topic the job reads; fails naming the missing ones."""
+    from confluent_kafka.admin import AdminClient
+
+    conf = client_config(cfg, bootstrap)
+    md = AdminClient({**_librdkafka(conf), "log_level": 0}).list_topics(timeout=timeout)
+    missing = [t for t in topics(cfg) if t not in md.topics or md.topics[t].error is not None]
+    if missing:
+        raise TopicMissing(f"Kafka topic(s) {', '.join(missing)} do not exist on {conf['bootstrap.servers']}: "
+                           "create them with `python -m tools.produce create-topics` (or your platform's tooling)")
+    return {t: len(md.topics[t].partitions) for t in topics(cfg)}
+
+
+def _librdkafka(conf: dict) -> dict:
+    """Java client names -> librdkafka's where they differ (SASL/PLAIN credentials)."""
+    out = dict(conf)
+    jaas = out.pop("sasl.jaas.config", None)
+    if jaas and "sasl.username" not in out:
+        import re
+
+        m = dict(re.findall(r'(username|password)="([^"]*)"', jaas))
+        if m:
+            out["sasl.username"], out["sasl.password"] = m.get("username", ""), m.get("password", "")
+    return out
+
+
+def source_ddl(cfg, bootstrap: str | None = None, until: str | None = None, startup: str | None = None) -> str:
+    """The ``CREATE TABLE`` of the raw records of every contract's topic (bytes as sent, topic,
+    partition, offset, record timestamp as event time, watermark per partition)."""
+    kc = cfg.kafka
     opts = {"connector": "kafka",
-            "topic": topic_name(contract, topic_prefix),
-            "properties.bootstrap.servers": bootstrap_servers,
-            "properties.group.id": group_id,
-            "scan.startup.mode": startup_mode,
-            "properties.auto.offset.reset": "earliest",
-            "format": fmt}
-    if fmt == "json":
-        opts.update({"json.fail-on-missing-field": "false", "json.ignore-parse-errors": "false"})
-    opts.update(properties or {})
-    return opts
+            "topic": ";".join(topics(cfg)),
+            "properties.group.id": kc.get("group_id", "streamlift-features"),
+            "scan.startup.mode": startup or kc.get("startup_mode", "earliest-offset"),
+            "format": "raw",
+            "scan.watermark.idle-timeout": f"{parse_duration(kc.get('idle_timeout', '30s'))} ms"}
+    if until == "latest":
+        opts["scan.bounded.mode"] = "latest-offset"
+    elif until not in (None, "", "never"):
+        raise ValueError(f"--until must be 'latest' or 'never', not {until!r}")
+    for k, v in client_config(cfg, bootstrap).items():
+        opts[f"properties.{k}"] = v
+
+    def q(v):
+        return "'" + str(v).replace("'", "''") + "'"
+
+    # a record dated beyond the wall clock + limits.max_future never moves the event-time clock
+    future = sql_interval(cfg.limits.get("max_future") or "99d")
+
+    with_ = ",\n  ".join(f"{q(k)} = {q(v)}" for k, v in opts.items())
+    return (f"CREATE TEMPORARY TABLE `{TABLE}` (\n"
+            "  `payload` BYTES,\n"
+            "  `topic` STRING METADATA VIRTUAL,\n"
+            "  `partition` INT METADATA VIRTUAL,\n"
+            "  `offset` BIGINT METADATA VIRTUAL,\n"
+            "  `kafka_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,\n"
+            f"  `future` AS `kafka_ts` > NOW() + {future},\n"
+            "  `rowtime` AS CASE WHEN `kafka_ts` > NOW() + " + future + " THEN TO_TIMESTAMP_LTZ(0, 3) ELSE `kafka_ts` END,\n"
+            "  `pt` AS PROCTIME(),\n"
+            f"  WATERMARK FOR `rowtime` AS `rowtime` - {sql_interval(cfg.features['out_of_orderness'])}\n"
+            f") WITH (\n  {with_}\n)")
 
 
-def source_ddl(contract: Contract, *, out_of_orderness, bootstrap_servers: str,
-               group_id: str = "streamlift", topic_prefix: str = TOPIC_PREFIX,
-               startup_mode: str = "group-offsets", time_source: str = "event",
-               properties: dict | None = None) -> str:
-    """``CREATE TABLE`` for ``contract``'s topic: JSON, the contract's columns, a ``rowtime``
-    column and a watermark ``out_of_orderness`` behind it. ``time_source``: ``"event"`` (the
-    contract's time field, epoch ms) or ``"kafka"`` (the Kafka record timestamp). ``properties``
-    adds or replaces connector options (``properties.security.protocol``, ...)."""
-    cols = [contract.flink_sql_columns()]
-    if time_source == "event":
-        if contract.field(contract.time_field).type != "timestamp_ms":
-            raise ValueError(f"{contract.qualified_name}.{contract.time_field} is not epoch ms")
-        cols.append(f"`rowtime` AS TO_TIMESTAMP_LTZ(`{contract.time_field}`, 3)")
-    elif time_source == "kafka":
-        cols.append("`rowtime` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL")
-    else:
-        raise ValueError(f"time_source must be 'event' or 'kafka', not {time_source!r}")
-    cols.append(f"WATERMARK FOR `rowtime` AS `rowtime` - {watermark_interval(out_of_orderness)}")
-    opts = _options(contract, bootstrap_servers, group_id, topic_prefix, startup_mode, "json", properties)
-    return (f"CREATE TABLE IF NOT EXISTS `{table_name(contract)}` (\n  "
-            + ",\n  ".join(cols) + f"\n) WITH (\n  {_with(opts)}\n)")
+def _queries(cfg) -> tuple[str, str, str]:
+    ooo = sql_interval(cfg.features["out_of_orderness"])
+    marked = (f"SELECT `topic`, `partition`, `offset`, `rowtime`, `payload`, `future`, "
+              f"NOT `future` AND `rowtime` > MAX(`rowtime`) OVER (PARTITION BY `topic`, `partition` ORDER BY `pt` "
+              f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - {ooo} "
+              f"AND (CURRENT_WATERMARK(`rowtime`) IS NULL OR `rowtime` > CURRENT_WATERMARK(`rowtime`)) AS on_time "
+              f"FROM `{TABLE}`")
+    windows = (f"SELECT `topic`, `partition`, CAST(window_end AS TIMESTAMP(3)) AS window_end, "
+               f"MIN(`offset`) AS first_offset, MAX(`offset`) AS last_offset, "
+               f"LISTAGG(COALESCE(TO_BASE64(`payload`), '~'), ',') AS `blob` "
+               f"FROM TABLE(TUMBLE(TABLE streamlift_kafka_marked, DESCRIPTOR(`rowtime`), "
+               f"{sql_interval(cfg.kafka.get('batch_interval', '1s'))})) WHERE on_time "
+               f"GROUP BY window_start, window_end, `topic`, `partition`")
+    late = ("SELECT `topic`, `partition`, `offset`, COALESCE(TO_BASE64(`payload`), '~') AS `blob`, `future` "
+            "FROM streamlift_kafka_marked WHERE NOT on_time")
+    return marked, windows, late
 
 
-def raw_source_ddl(contract: Contract, *, bootstrap_servers: str, group_id: str = "streamlift",
-                   topic_prefix: str = TOPIC_PREFIX, startup_mode: str = "group-offsets",
-                   properties: dict | None = None) -> str:
-    """The same topic read as raw lines (``line STRING`` and the Kafka timestamp), for the
-    project's own validation and quarantine path; the watermark is then the jobs' in-band clock.
-
-    >>> ddl = raw_source_ddl(CONTRACTS["decision"], bootstrap_servers="kafka:9092")
-    >>> "`line` STRING" in ddl, "'format' = 'raw'" in ddl, "WATERMARK" in ddl
-    (True, True, False)
-    """
-    opts = _options(contract, bootstrap_servers, group_id, topic_prefix, startup_mode, "raw", properties)
-    return (f"CREATE TABLE IF NOT EXISTS `{table_name(contract)}_raw` (\n  `line` STRING,\n"
-            f"  `kafka_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL\n) WITH (\n  {_with(opts)}\n)")
+def _ms(ts) -> int:
+    """A Flink TIMESTAMP(3) (a naive datetime, UTC: the job's ``table.local-time-zone``) -> epoch ms."""
+    if isinstance(ts, _dt.datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=_dt.timezone.utc)
+        return int(round(ts.timestamp() * 1000))
+    return int(ts)
 
 
-def source_ddls(cfg, *, bootstrap_servers: str, **kwargs) -> dict[str, str]:
-    """One DDL per event contract (``schemas.STREAMS``), the watermark from
-    ``features.out_of_orderness`` of ``cfg`` (a :class:`jobs.config.Config`)."""
-    return {name: source_ddl(c, out_of_orderness=cfg.features["out_of_orderness"],
-                             bootstrap_servers=bootstrap_servers, **kwargs)
-            for name, c in CONTRACTS.items()}
+def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, until: str | None = None,
+                startup: str | None = None, group=lambda s, name: s):
+    """The features job's Kafka source: a stream of ``(shard key, pickled ReaderPart)``, one
+    per shard and slice, as ``jobs.features.read_validate`` gives for files."""
+    from pyflink.common import Row, Types
+    from pyflink.datastream import FlatMapFunction, KeyedProcessFunction
+    from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+    from pyflink.table import StreamTableEnvironment
 
+    from jobs.flink_env import END_OF_INPUT_TIMER, JobMetrics
 
-def create_sources(table_env, ddls: dict[str, str]) -> list[str]:
-    """Executes the DDL on a PyFlink ``TableEnvironment`` (needs the connector jar at query
-    time, not here); returns the table names in order."""
-    names = []
-    for name, ddl in ddls.items():
-        table_env.execute_sql(ddl)
-        names.append(table_name(CONTRACTS[name]))
-    return names
+    check_topics(cfg, bootstrap)
+    env.add_jars(connector_jar(cfg))
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    t_env.execute_sql(source_ddl(cfg, bootstrap, until, startup))
+    marked, windows, late = _queries(cfg)
+    t_env.create_temporary_view("streamlift_kafka_marked", t_env.sql_query(marked))
+    ooo = parse_duration(cfg.features["out_of_orderness"])
+    streams = topics(cfg)
+    limits = {**cfg.limits, "quarantine_key": str(cfg.privacy["quarantine_key"])}
+    future = cfg.limits.get("max_future")
+    max_future = None if future is None else parse_duration(future)
+    tagged = Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()])
 
+    class Read(FlatMapFunction):
+        """One window row (or late record) -> a validated :class:`udfs.kafka_batch.Batch`."""
 
-def main(argv=None) -> None:
-    from jobs.config import quiet_third_party_warnings
+        def __init__(self, is_late: bool):
+            self.is_late = is_late
 
-    quiet_third_party_warnings()
-    from jobs.config import load
+        def open(self, ctx):
+            self.metrics = JobMetrics(ctx, "kafka-read")
 
-    p = argparse.ArgumentParser(description="print the Flink SQL DDL of the Kafka sources")
-    p.add_argument("--bootstrap-servers", default="kafka:9092")
-    p.add_argument("--group-id", default="streamlift")
-    p.add_argument("--topic-prefix", default=TOPIC_PREFIX)
-    p.add_argument("--time-source", choices=["event", "kafka"], default="event")
-    p.add_argument("--raw", action="store_true", help="raw lines for the project's validator")
-    a = p.parse_args(argv)
-    if a.raw:
-        ddls = {n: raw_source_ddl(c, bootstrap_servers=a.bootstrap_servers, group_id=a.group_id,
-                                  topic_prefix=a.topic_prefix) for n, c in CONTRACTS.items()}
-    else:
-        ddls = source_ddls(load(), bootstrap_servers=a.bootstrap_servers, group_id=a.group_id,
-                           topic_prefix=a.topic_prefix, time_source=a.time_source)
-    sys.stdout.write(";\n\n".join(ddls.values()) + ";\n")
+        def flat_map(self, row: Row):
+            from udfs.kafka_batch import decode_batch
 
+            topic = row[0]
+            stream = streams.get(topic)
+            if self.is_late:
+                b = decode_batch(stream, row[3], limits, -1, topic, row[1], row[2], row[2])
+                reason = "future" if row[4] else "late"
+                b.quarantined += [(stream, r, reason) for r in (b.frame.to_dict("records") if len(b.frame) else [])]
+                b.frame = None
+            else:
+                b = decode_batch(stream, row[5], limits, _ms(row[2]), topic, row[1], row[3], row[4])
+            self.metrics.inc("records_in", b.lines)
+            self.metrics.inc("quarantined", len(b.quarantined))
+            yield 0, pickle.dumps(b, protocol=5)
 
-if __name__ == "__main__":
-    main()
+    class Gather(KeyedProcessFunction):
+        """Every window's batches -> one slice when the watermark passes the window's end."""
+
+        def open(self, ctx):
+            from udfs.privacy import FORGET_FILE, ForgetList
+
+            self.pending = ctx.get_map_state(MapStateDescriptor("batches", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+            self.seq = ctx.get_state(ValueStateDescriptor("next_seq", Types.LONG()))
+            self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
+            self.metrics = JobMetrics(ctx, "kafka-gather")
+
+        def process_element(self, value, ctx):
+            blob = value[1]
+            b = pickle.loads(blob)
+            if b.window_end < 0:          # a late record: goes with the next slice
+                self.pending.put(f"late:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
+                ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
+            else:
+                self.pending.put(f"{b.window_end:015d}:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
+                ctx.timer_service().register_event_time_timer(b.window_end - 1)
+            return iter(())
+
+        def on_timer(self, timestamp, ctx):
+            from udfs.features import split_slice
+            from udfs.kafka_batch import gather_slice
+
+            t0 = time.thread_time()
+            end = timestamp + 1
+            mine = []
+            for k, v in list(self.pending.items()):
+                if k.startswith("late:") or (timestamp != END_OF_INPUT_TIMER and int(k.split(":", 1)[0]) == end):
+                    mine.append((k, pickle.loads(v)))
+            if not mine:
+                return
+            frames, lines, quarantined = gather_slice([b for _, b in mine])
+            seq = self.seq.value() or 0
+            clock_t = None if timestamp == END_OF_INPUT_TIMER else timestamp + ooo
+            parts = split_slice(seq, frames, lines, quarantined, p, max_future, forget=self.forget, clock_t=clock_t)
+            parts[0].timing = {"read_s": round(time.thread_time() - t0, 3)}
+            for k, _ in mine:
+                self.pending.remove(k)
+            self.seq.update(seq + 1)
+            self.metrics.inc("slices")
+            self.metrics.set("last_window_end_ms", end if clock_t is not None else None)
+            for i, part in enumerate(parts):
+                yield keys[i], pickle.dumps(part, protocol=5)
+
+    win_rows = t_env.to_data_stream(t_env.sql_query(windows))
+    late_rows = t_env.to_data_stream(t_env.sql_query(late))
+    read = group(win_rows.flat_map(Read(False), output_type=tagged).name("kafka-read").uid("kafka-read")
+                 .set_parallelism(p), "read")
+    read_late = group(late_rows.flat_map(Read(True), output_type=tagged).name("kafka-read-late")
+                      .uid("kafka-read-late").set_parallelism(p), "read")
+    return group(read.union(read_late).key_by(lambda t: t[0], key_type=Types.INT())
+                 .process(Gather(), output_type=tagged).name("kafka-gather").uid("kafka-gather")
+                 .set_parallelism(1), "read")

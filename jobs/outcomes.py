@@ -206,14 +206,12 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
                 m.set("interim_rows", stats.get("interim", 0))
             if committed and cfg.outcomes.get("data_quality", True):
                 from jobs.dq import validate_epoch
-                from jobs.sinks import record_alert
+                from jobs.sinks import atomic_write, record_alert
 
                 dq = validate_epoch(cfg, stats["epoch"])
                 m.inc("dq_runs")
                 m.inc("dq_broken", dq["failed"])
                 stats["data_quality"] = {"success": dq["success"], "failed": dq["failed"], "run_id": dq["run_id"]}
-                from jobs.sinks import atomic_write
-
                 atomic_write(stats_dir(cfg) / f"dq-{stats['epoch']}.json", json.dumps(dq, default=str).encode())
                 if not dq["success"]:
                     broken = [f"{n}: {f['expectation']} {f['column']}" for n, r in dq["suites"].items()

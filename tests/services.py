@@ -1,5 +1,5 @@
 """Real servers for the tests, each started on a free port in a temporary folder and stopped at the
-end: PostgreSQL (Debian's ``postgresql``: initdb + pg_ctl; as root, run as the ``postgres`` user,
+end: Redis (Debian's ``redis-server``), PostgreSQL (Debian's ``postgresql``: initdb + pg_ctl; as root, run as the ``postgres`` user,
 which PostgreSQL requires) and an S3 API server (``moto_server`` from ``moto[server]``)."""
 
 from __future__ import annotations
@@ -13,13 +13,44 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["free_port", "postgres_server", "s3_server"]
+__all__ = ["free_port", "redis_server", "postgres_server", "s3_server"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def redis_server(work: Path, password: str | None = None):
+    """Debian's redis-server on a free port (no persistence, ``password`` if given); yields
+    ``("127.0.0.1:<port>", client)``."""
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed: `make redis` installs Debian's redis-server "
+                           "(make test does it first)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(work), *(["--requirepass", password] if password else [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password)
+        deadline = time.time() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}", client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _pg_bin(name: str) -> str:

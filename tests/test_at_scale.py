@@ -7,44 +7,15 @@ nothing. Flink's own checkpoints stay on local disk: the apache-flink package sh
 filesystem plugin (see README "Deploying")."""
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 
 import pytest
 
-from services import postgres_server, s3_server
+from services import postgres_server, redis_server, s3_server
 
 pytestmark = pytest.mark.slow
 
 BUCKETS = ("streamlift-warehouse", "streamlift-feast", "streamlift-models", "streamlift-checkpoints")
 TABLES = ("outcomes_v1", "delay_models_v1", "quarantine_v1", "learner_metrics_v1", "dq_results_v1")
-
-
-def _redis(work, password):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: `make redis` (make test does it first)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--requirepass", password, "--dir", str(work)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port, password=password)
-    deadline = time.time() + 20
-    while True:
-        try:
-            client.ping()
-            return proc, port, client
-        except redis.ConnectionError:
-            if time.time() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +28,9 @@ def stack(tmp_path_factory):
         pytest.fail("a Flink cluster is already running on localhost:8081; stop it first (make cluster-down)")
     work = tmp_path_factory.mktemp("at-scale")
     (work / "pg").mkdir()
-    with postgres_server(work / "pg") as (pg_url, pg), s3_server(work, buckets=BUCKETS) as (endpoint, s3):
-        rproc, rport, rclient = _redis(work, "redis-test-secret")
+    with postgres_server(work / "pg") as (pg_url, pg), s3_server(work, buckets=BUCKETS) as (endpoint, s3), \
+            redis_server(work, password="redis-test-secret") as (redis_url, rclient):
+        rport = redis_url.rsplit(":", 1)[1]
         env = {"STREAMLIFT_PROFILE": "at-scale", "STREAMLIFT_DATA_DIR": str(work / "run"),
                "STREAMLIFT_QUARANTINE_KEY": "quarantine-test-key",
                "POSTGRES_USER": pg["user"], "POSTGRES_PASSWORD": pg["password"], "POSTGRES_HOST": pg["host"],
@@ -66,7 +38,7 @@ def stack(tmp_path_factory):
                "S3_ENDPOINT": endpoint, "S3_ACCESS_KEY": s3["access_key"], "S3_SECRET_KEY": s3["secret_key"],
                "S3_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": s3["access_key"],
                "AWS_SECRET_ACCESS_KEY": s3["secret_key"], "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
-               "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(rport), "REDIS_PASSWORD": "redis-test-secret",
+               "REDIS_HOST": "127.0.0.1", "REDIS_PORT": rport, "REDIS_PASSWORD": "redis-test-secret",
                "STREAMLIFT_OUTCOMES__DATA_QUALITY": "true"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -81,8 +53,6 @@ def stack(tmp_path_factory):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            rproc.terminate()
-            rproc.wait(timeout=10)
 
 
 def _cfg():
@@ -97,15 +67,20 @@ def _submit(stack, job, input_dir):
     return r
 
 
-def _keys(s3, bucket, prefix=""):
+def _objects(s3, bucket, prefix=""):
+    """(key, size) of every object under ``prefix``, all pages."""
     out, token = [], None
     while True:
         kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
         page = s3.list_objects_v2(**kw)
-        out += [o["Key"] for o in page.get("Contents", [])]
+        out += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
         if not page.get("IsTruncated"):
             return out
         token = page["NextContinuationToken"]
+
+
+def _keys(s3, bucket, prefix=""):
+    return [k for k, _ in _objects(s3, bucket, prefix)]
 
 
 def _state(stack):
@@ -120,8 +95,7 @@ def _state(stack):
         t.refresh()
         snap = t.current_snapshot()
         tables[name] = None if snap is None else snap.snapshot_id
-    objects = {b: sorted((o["Key"], o["Size"]) for page in [stack["s3"].list_objects_v2(Bucket=b, MaxKeys=10000)]
-                         for o in page.get("Contents", [])) for b in ("streamlift-feast", "streamlift-models")}
+    objects = {b: sorted(_objects(stack["s3"], b)) for b in ("streamlift-feast", "streamlift-models")}
     r = stack["redis"]
     online = {k: r.hgetall(k) for k in r.scan_iter(count=1000)}
     models = [m["version"] for m in list_versions(cfg.model_store, cfg.learner["model_id"])]

@@ -2,14 +2,10 @@
 features job writes its online features there and Feast reads back the batch reference;
 a replay changes nothing; an older row never replaces a newer one."""
 
-import shutil
-import socket
-import subprocess
-import time
-
 import pandas as pd
 import pytest
 
+from services import redis_server
 from test_job import assert_online_equals_reference, entity_rows, online_snapshot, reference_of
 
 pytestmark = pytest.mark.slow
@@ -17,32 +13,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: `make redis` installs Debian's redis-server "
-                    "(make test does it first)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    work = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.time() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}", client
-    proc.terminate()
-    proc.wait(timeout=10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as (url, client):
+        yield url, client
 
 
 def redis_cfg(data_dir, url):

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     # a feature consumer: read the three views for a few users from Feast
     import pandas as pd
 
-    from stores.feast_store import open_store
+    from stores.feast_store import offline_root, open_store
     from udfs.decay import decay_to
     from udfs.features import parse_duration
 
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         print(got.round(3).T.to_string(header=False))
     # decay to "now" (the end of the simulated stream) the way a reader does
     now = truth["end_ms"]
-    off = pd.read_parquet(cfg.data_dir / "offline" / "user_features_v1")
+    off = pd.read_parquet(f"{offline_root(cfg)}/user_features_v1")
     last = off.sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
     u = top[0]
     as_of = int(last.at[u, "event_timestamp"].value // 1_000_000)

@@ -277,7 +277,7 @@ def forget(cfg: Config, users) -> dict:
     """Remove ``users`` (user ids) from everything the run at ``cfg.data_dir`` stores (see the
     module docstring); returns the audit record, also written to ``<data>/privacy/audit/``."""
     from jobs.sinks import atomic_write
-    from stores.feast_store import view_name
+    from stores.feast_store import offline_root, view_name
     from udfs.privacy import FORGET_FILE, ForgetList
     from udfs.spec import FeatureSpec
 
@@ -293,7 +293,7 @@ def forget(cfg: Config, users) -> dict:
     removed["feast_online"] = _forget_online(cfg, users)
     offline = []
     for kt in spec.key_type_names:
-        folder = data / "offline" / view_name(kt, spec)
+        folder = Path(offline_root(cfg)) / view_name(kt, spec)     # local offline files only
         offline += sorted(folder.glob("*.parquet")) if folder.exists() else []
     removed["feast_offline"] = _rewrite_parquet(offline, users, drop=True)
     removed["enriched"] = _rewrite_parquet(sorted((data / "enriched").glob("*.parquet")), users, drop=False)

@@ -90,7 +90,7 @@ def to_frames(batches: dict) -> dict:
 
 def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined: list | None = None,
                 shards: int = 1, max_future_ms: int | None = None, now_ms: int | None = None,
-                forget=None) -> list[ReaderPart]:
+                forget=None, clock_t: int | None = None) -> list[ReaderPart]:
     """One :class:`ReaderPart` per attribution shard: each record goes to
     ``shard_of(id_hash(decision_id))``; every part carries the slice's max event time (the
     clock input); shard 0 carries the line counts and the validation quarantine.
@@ -98,6 +98,9 @@ def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined:
     With ``max_future_ms``, a record dated more than that after ``now_ms`` (processing time,
     default the wall clock) is quarantined as ``future`` before it can move the clock: one
     mis-dated record would otherwise make every later event ``late``.
+
+    ``clock_t`` replaces the slice's max event time as the clock input (the Kafka source closes
+    a slice at its window's end: ``clock_t`` = window end - 1 ms + ``out_of_orderness``).
 
     A decision without ``consent``, or of a user on the forget list ``forget`` (a
     :class:`udfs.privacy.ForgetList`), loses its ``user_id`` here, before anything else sees it."""
@@ -124,8 +127,9 @@ def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined:
                 quarantined += [(kind, r, "future") for r in df[ahead].to_dict("records")]
                 frames[kind] = df[~ahead].reset_index(drop=True)
         frames = {k: v for k, v in frames.items() if len(v)}
-    ts = [int(df["event_time"].max()) for df in frames.values() if len(df)]
-    clock_t = max(ts) if ts else None
+    if clock_t is None:
+        ts = [int(df["event_time"].max()) for df in frames.values() if len(df)]
+        clock_t = max(ts) if ts else None
     parts = [ReaderPart(seq=seq, clock_t=clock_t, batches={}) for _ in range(shards)]
     parts[0].lines, parts[0].quarantined = (dict(lines) if lines is not None else None), quarantined
     for kind, df in frames.items():

@@ -1,0 +1,194 @@
+"""Producers for the contracts' Kafka topics: create the topics, replay a folder of slice files
+(the simulator's output, or a backfill) into them, at full speed or paced.
+
+::
+
+    python -m tools.produce create-topics [--partitions 2]
+    python -m tools.produce replay --input data/sim [--rate 20000] [--follow]
+    python -m tools.produce live --input data/sim --rate 20000 [--seconds 180]   # event time = now
+
+Every record goes to ``<prefix><stream>.v<version>`` keyed by its ``decision_id`` (so a decision
+and its clicks and conversions share a partition number), with the record timestamp set to its
+``event_time``; a line that does not parse keeps its stream's latest timestamp sent (it is quarantined by
+the job, not here). The bootstrap servers and client settings come from ``kafka`` in
+``streamlift.yaml`` (``STREAMLIFT_KAFKA__BOOTSTRAP_SERVERS``) or ``--bootstrap-servers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from jobs.config import load
+from jobs.kafka import _librdkafka, client_config, topics
+
+__all__ = ["create_topics", "replay", "producer", "slice_lines"]
+
+
+def producer(cfg, bootstrap: str | None = None, **extra):
+    from confluent_kafka import Producer
+
+    conf = {**_librdkafka(client_config(cfg, bootstrap)), "linger.ms": 20, "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4", "enable.idempotence": True,
+            "message.max.bytes": 2 * 1024 * 1024, **extra}
+    return Producer(conf)
+
+
+def create_topics(cfg, bootstrap: str | None = None, partitions: int | None = None, timeout: float = 30) -> list:
+    """Create every contract's topic (``kafka.partitions`` each) that does not exist yet; returns
+    the topics created."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({**_librdkafka(client_config(cfg, bootstrap)), "log_level": 0})
+    have = admin.list_topics(timeout=timeout).topics
+    n = int(partitions or cfg.kafka.get("partitions", 2))
+    new = [NewTopic(t, n, 1) for t in topics(cfg) if t not in have]
+    for t, f in admin.create_topics(new, operation_timeout=timeout).items() if new else []:
+        f.result()
+    deadline = time.time() + timeout           # wait until the broker lists them with their leaders
+    while new and time.time() < deadline:
+        md = admin.list_topics(timeout=timeout).topics
+        if all(t.topic in md and md[t.topic].partitions and all(p.leader >= 0 for p in md[t.topic].partitions.values())
+               for t in new):
+            break
+        time.sleep(0.2)
+    return [t.topic for t in new]
+
+
+def slice_lines(input_dir: Path):
+    """``(stream, raw line)`` of every slice under ``input_dir`` in manifest order (arrival order)."""
+    from udfs.ingest import manifest_lines
+
+    for m in manifest_lines(input_dir):
+        m = orjson.loads(m)
+        root = Path(m.get("root", input_dir))
+        for stream, rel in m["files"].items():
+            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            for line in path.read_bytes().split(b"\n"):
+                if line.strip():
+                    yield stream, line
+
+
+def _event_time(line: bytes):
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict):
+        t = obj.get("event_time")
+        if isinstance(t, int) and not isinstance(t, bool) and 0 < t < 2 ** 53:
+            return t
+    return None
+
+
+def _first_event_time(input_dir: Path) -> int:
+    for _, line in slice_lines(input_dir):
+        t = _event_time(line)
+        if t is not None:
+            return t
+    return int(time.time() * 1000)
+
+
+def _key(line: bytes):
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    d = obj.get("decision_id") if isinstance(obj, dict) else None
+    return d.encode() if isinstance(d, str) and d else None
+
+
+def replay(cfg, input_dir: Path, bootstrap: str | None = None, rate: float | None = None,
+           live: bool = False, seconds: float | None = None, on_send=None) -> dict:
+    """Produce every line of the slices under ``input_dir`` to its topic (see the module
+    docstring); ``rate``: records per second (paced), else as fast as possible. With ``live``
+    the event times are rewritten to the send time (the stream plays as if it happened now;
+    needs ``rate``), for ``seconds`` at most. ``on_send(stream, value, ts_ms)`` is called per record."""
+    names = {s: t for t, s in topics(cfg).items()}
+    p = producer(cfg, bootstrap)
+    sent, errors = {s: 0 for s in names}, []
+
+    def delivered(err, msg):
+        if err is not None:
+            errors.append(str(err))
+
+    last_t = {}                      # an unparseable line gets its stream's latest event time sent before it
+    t0, n = time.time(), 0
+    if live and not rate:
+        raise ValueError("live replay needs a rate")
+    for stream, line in slice_lines(Path(input_dir)):
+        if stream not in names:
+            continue
+        if rate:
+            wait = t0 + n / rate - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            if seconds is not None and time.time() - t0 > seconds:
+                break
+        if live:
+            ts = int(time.time() * 1000)
+            try:
+                obj = orjson.loads(line)
+                if isinstance(obj, dict) and isinstance(obj.get("event_time"), int):
+                    obj["event_time"] = ts
+                    line = orjson.dumps(obj)
+            except orjson.JSONDecodeError:
+                pass
+        else:
+            t = _event_time(line)
+            if stream not in last_t:
+                last_t[stream] = t if t is not None else _first_event_time(Path(input_dir))
+            ts = last_t[stream] if t is None else t
+            if t is not None:
+                last_t[stream] = max(last_t[stream], t)
+        while True:
+            try:
+                p.produce(names[stream], value=line, key=_key(line), timestamp=ts, on_delivery=delivered)
+                break
+            except BufferError:
+                p.poll(0.05)
+        if on_send is not None:
+            on_send(stream, line, ts)
+        sent[stream] += 1
+        n += 1
+        if n % 5000 == 0:
+            p.poll(0)
+    p.flush(60)
+    if errors:
+        raise RuntimeError(f"{len(errors)} records were not delivered, first: {errors[0]}")
+    wall = time.time() - t0
+    return {"sent": sent, "records": n, "seconds": round(wall, 2), "records_per_second": round(n / wall, 1) if wall else None}
+
+
+def main(argv=None) -> None:
+    from jobs.config import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+    ap = argparse.ArgumentParser(description="create the topics and produce traffic to them")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create-topics", help="create the contracts' topics")
+    c.add_argument("--partitions", type=int)
+    for name in ("replay", "live"):
+        r = sub.add_parser(name, help="produce a folder of slice files" + (" with event time = now" if name == "live" else ""))
+        r.add_argument("--input", required=True, help="folder with manifest/ (python -m tools.simulate --out ...)")
+        r.add_argument("--rate", type=float, required=(name == "live"), help="records per second (default: as fast as possible)")
+        r.add_argument("--seconds", type=float, help="stop after this long")
+        r.add_argument("--bootstrap-servers")
+    c.add_argument("--bootstrap-servers")
+    a = ap.parse_args(argv)
+    cfg = load()
+    if a.cmd == "create-topics":
+        made = create_topics(cfg, a.bootstrap_servers, a.partitions)
+        print(json.dumps({"created": made, "topics": list(topics(cfg))}))
+        return
+    res = replay(cfg, Path(a.input), a.bootstrap_servers, a.rate, live=(a.cmd == "live"), seconds=a.seconds)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
