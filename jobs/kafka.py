@@ -179,18 +179,19 @@ def source_ddl(cfg, bootstrap: str | None = None, until: str | None = None, star
 
 def _queries(cfg) -> tuple[str, str, str]:
     ooo = sql_interval(cfg.features["out_of_orderness"])
-    marked = (f"SELECT `topic`, `partition`, `offset`, `rowtime`, `payload`, `future`, "
-              f"NOT `future` AND `rowtime` > MAX(`rowtime`) OVER (PARTITION BY `topic`, `partition` ORDER BY `pt` "
-              f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - {ooo} "
+    marked = (f"SELECT `topic`, `partition`, `offset`, `rowtime`, `payload`, `future`, `hw`, "
+              f"NOT `future` AND `rowtime` > `hw` - {ooo} "
               f"AND (CURRENT_WATERMARK(`rowtime`) IS NULL OR `rowtime` > CURRENT_WATERMARK(`rowtime`)) AS on_time "
-              f"FROM `{TABLE}`")
+              f"FROM (SELECT *, MAX(`rowtime`) OVER (PARTITION BY `topic`, `partition` ORDER BY `pt` "
+              f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS `hw` FROM `{TABLE}`)")
     windows = (f"SELECT `topic`, `partition`, CAST(window_end AS TIMESTAMP(3)) AS window_end, "
                f"MIN(`offset`) AS first_offset, MAX(`offset`) AS last_offset, "
                f"LISTAGG(COALESCE(TO_BASE64(`payload`), '~'), ',') AS `blob` "
                f"FROM TABLE(TUMBLE(TABLE streamlift_kafka_marked, DESCRIPTOR(`rowtime`), "
                f"{sql_interval(cfg.kafka.get('batch_interval', '1s'))})) WHERE on_time "
                f"GROUP BY window_start, window_end, `topic`, `partition`")
-    late = ("SELECT `topic`, `partition`, `offset`, COALESCE(TO_BASE64(`payload`), '~') AS `blob`, `future` "
+    late = ("SELECT `topic`, `partition`, `offset`, COALESCE(TO_BASE64(`payload`), '~') AS `blob`, `future`, "
+            "CAST(`hw` AS TIMESTAMP(3)) AS `hw` "
             "FROM streamlift_kafka_marked WHERE NOT on_time")
     return marked, windows, late
 
@@ -213,7 +214,7 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
     from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
     from pyflink.table import StreamTableEnvironment
 
-    from jobs.flink_env import END_OF_INPUT_TIMER, JobMetrics
+    from jobs.flink_env import JobMetrics
 
     check_topics(cfg, bootstrap)
     env.add_jars(connector_jar(cfg))
@@ -223,6 +224,7 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
     marked, windows, late = _queries(cfg)
     t_env.create_temporary_view("streamlift_kafka_marked", t_env.sql_query(marked))
     ooo = parse_duration(cfg.features["out_of_orderness"])
+    interval = parse_duration(cfg.kafka.get("batch_interval", "1s"))
     streams = topics(cfg)
     limits = {**cfg.limits, "quarantine_key": str(cfg.privacy["quarantine_key"])}
     future = cfg.limits.get("max_future")
@@ -236,17 +238,31 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
             self.is_late = is_late
 
         def open(self, ctx):
+            from udfs.privacy import FORGET_FILE, ForgetList
+
             self.metrics = JobMetrics(ctx, "kafka-read")
+            self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
 
         def flat_map(self, row: Row):
             from udfs.kafka_batch import decode_batch
+            from udfs.privacy import blank_forgotten
 
             topic = row[0]
             stream = streams.get(topic)
             if self.is_late:
-                b = decode_batch(stream, row[3], limits, -1, topic, row[1], row[2], row[2])
+                # it goes with the window holding its partition's watermark when it was read: a
+                # window that cannot have fired yet, so the slice it lands in is the same on every run
+                mark = _ms(row[5]) - ooo
+                end = (mark // interval + 1) * interval
+                b = decode_batch(stream, row[3], limits, end, topic, row[1], row[2], row[2])
+                b.late = True
                 reason = "future" if row[4] else "late"
-                b.quarantined += [(stream, r, reason) for r in (b.frame.to_dict("records") if len(b.frame) else [])]
+                df = b.frame
+                if len(df) and "consent" in df:         # as the reader does: no consent, no user id kept
+                    df = df.copy()
+                    df.loc[~df["consent"].astype(bool), "user_id"] = ""
+                df = blank_forgotten(df, self.forget)[0]
+                b.quarantined += [(stream, r, reason) for r in (df.to_dict("records") if len(df) else [])]
                 b.frame = None
             else:
                 b = decode_batch(stream, row[5], limits, _ms(row[2]), topic, row[1], row[3], row[4])
@@ -268,12 +284,9 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
         def process_element(self, value, ctx):
             blob = value[1]
             b = pickle.loads(blob)
-            if b.window_end < 0:          # a late record: goes with the next slice
-                self.pending.put(f"late:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
-                ctx.timer_service().register_event_time_timer(END_OF_INPUT_TIMER)
-            else:
-                self.pending.put(f"{b.window_end:015d}:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
-                ctx.timer_service().register_event_time_timer(b.window_end - 1)
+            kind = "l" if getattr(b, "late", False) else "b"
+            self.pending.put(f"{b.window_end:015d}:{kind}:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
+            ctx.timer_service().register_event_time_timer(b.window_end - 1)
             return iter(())
 
         def on_timer(self, timestamp, ctx):
@@ -282,22 +295,19 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
 
             t0 = time.thread_time()
             end = timestamp + 1
-            mine = []
-            for k, v in list(self.pending.items()):
-                if k.startswith("late:") or (timestamp != END_OF_INPUT_TIMER and int(k.split(":", 1)[0]) == end):
-                    mine.append((k, pickle.loads(v)))
+            mine = [(k, pickle.loads(v)) for k, v in list(self.pending.items()) if int(k.split(":", 1)[0]) == end]
             if not mine:
                 return
             frames, lines, quarantined = gather_slice([b for _, b in mine])
             seq = self.seq.value() or 0
-            clock_t = None if timestamp == END_OF_INPUT_TIMER else timestamp + ooo
+            clock_t = timestamp + ooo
             parts = split_slice(seq, frames, lines, quarantined, p, max_future, forget=self.forget, clock_t=clock_t)
             parts[0].timing = {"read_s": round(time.thread_time() - t0, 3)}
             for k, _ in mine:
                 self.pending.remove(k)
             self.seq.update(seq + 1)
             self.metrics.inc("slices")
-            self.metrics.set("last_window_end_ms", end if clock_t is not None else None)
+            self.metrics.set("last_window_end_ms", end)
             for i, part in enumerate(parts):
                 yield keys[i], pickle.dumps(part, protocol=5)
 

@@ -123,3 +123,24 @@ def wait_for_newer_checkpoint(data, folder="checkpoints", timeout=90):
     k = newest()
     wait_for(lambda: newest() > k, timeout=timeout)
     return completed_checkpoints(data, folder)[-1]
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """One Kafka broker (KRaft, from the jars ``make kafka-jars`` fetched) for the whole test run,
+    on a free port; tests keep apart by topic prefix (:func:`kafka_cfg`). Yields bootstrap servers."""
+    from tools.broker import start, stop
+
+    broker = start(tmp_path_factory.mktemp("kafka"))
+    try:
+        yield broker.bootstrap
+    finally:
+        stop(broker)
+
+
+def kafka_env(bootstrap: str, prefix: str, data_dir, **extra) -> dict:
+    """The configuration overrides of a run on the test broker under its own topic prefix."""
+    env = {"STREAMLIFT_PATHS__DATA_DIR": str(data_dir), "STREAMLIFT_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+           "STREAMLIFT_KAFKA__TOPIC_PREFIX": prefix}
+    env.update({f"STREAMLIFT_{k.upper()}": str(v) for k, v in extra.items()})
+    return env

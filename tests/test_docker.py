@@ -172,7 +172,8 @@ def test_image_is_flink_2_java17_with_python_311_and_the_pyflink_of_the_lock():
     ins = _instructions()
     args = dict(i.split(None, 1)[1].split("=", 1) for i in ins if i.startswith("ARG ") and "=" in i)
     frm = [i for i in ins if i.startswith("FROM ")]
-    assert frm == ["FROM flink:${FLINK_VERSION}-java17"]
+    assert frm[-1] == "FROM flink:${FLINK_VERSION}-java17"        # the final stage; before it the jars'
+    assert all(f.endswith(" AS jvm-deps") for f in frm[:-1])
     pyflink = _lock()["apache-flink"]
     assert pyflink.startswith("2.") and args["FLINK_VERSION"] == ".".join(pyflink.split(".")[:2])
     assert args["PYTHON_VERSION"].startswith("3.11.")
@@ -277,62 +278,12 @@ def raw_profile() -> dict:
     return yaml.safe_load(PROFILE.read_text())
 
 
-# ------------------------------------------------------------------------------------ Kafka DDL
-def _options(ddl: str) -> dict:
-    body = ddl.split(") WITH (", 1)[1]
-    return dict(re.findall(r"'([^']+)' = '([^']*)'", body))
-
-
-@pytest.mark.parametrize("name", sorted(CONTRACTS))
-def test_kafka_ddl_per_contract(name):
-    from jobs.kafka import source_ddls
-
-    contract = CONTRACTS[name]
-    ddl = source_ddls(load(env={}), bootstrap_servers="broker-1:9092,broker-2:9092")[name]
-    assert ddl.startswith(f"CREATE TABLE IF NOT EXISTS `kafka_{name}_v1` (")
-    opts = _options(ddl)
-    assert opts["connector"] == "kafka" and opts["format"] == "json"
-    assert opts["topic"] == f"streamlift.{name}.v{contract.version}"
-    assert opts["properties.bootstrap.servers"] == "broker-1:9092,broker-2:9092"
-    assert contract.flink_sql_columns() in ddl                     # the contract's columns, in order
-    assert f"`rowtime` AS TO_TIMESTAMP_LTZ(`{contract.time_field}`, 3)" in ddl
-    assert "WATERMARK FOR `rowtime` AS `rowtime` - INTERVAL '0 00:05:00.000' DAY TO SECOND(3)" in ddl
-
-
-def test_kafka_ddl_follows_the_configuration_and_options():
-    from jobs.kafka import create_sources, raw_source_ddl, source_ddl, source_ddls
-
-    cfg = load(env={"STREAMLIFT_FEATURES__OUT_OF_ORDERNESS": "90s"})
-    ddls = source_ddls(cfg, bootstrap_servers="k:9092", topic_prefix="prod.", group_id="sl-a")
-    assert {_options(d)["topic"] for d in ddls.values()} == {"prod.decision.v1", "prod.click.v1",
-                                                              "prod.conversion.v1"}
-    assert all("INTERVAL '0 00:01:30.000' DAY TO SECOND(3)" in d for d in ddls.values())
-    assert all(_options(d)["properties.group.id"] == "sl-a" for d in ddls.values())
-    kafka_ts = source_ddl(CONTRACTS["click"], out_of_orderness="5m", bootstrap_servers="k:9092",
-                          time_source="kafka", properties={"properties.security.protocol": "SASL_SSL"})
-    assert "`rowtime` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL" in kafka_ts
-    assert _options(kafka_ts)["properties.security.protocol"] == "SASL_SSL"
-    with pytest.raises(ValueError):
-        source_ddl(CONTRACTS["click"], out_of_orderness="5m", bootstrap_servers="k", time_source="wall")
-    raw = raw_source_ddl(CONTRACTS["conversion"], bootstrap_servers="k:9092")
-    assert _options(raw)["format"] == "raw" and _options(raw)["topic"] == "streamlift.conversion.v1"
-
-    class FakeTableEnv:                      # the connector boundary: what reaches execute_sql
-        def __init__(self):
-            self.sql = []
-
-        def execute_sql(self, sql):
-            self.sql.append(sql)
-
-    t = FakeTableEnv()
-    assert create_sources(t, ddls) == ["kafka_decision_v1", "kafka_click_v1", "kafka_conversion_v1"]
-    assert t.sql == list(ddls.values())
-
-
-def test_kafka_connector_jar_is_documented_in_the_image_and_module():
-    import jobs.kafka
-
-    doc = jobs.kafka.__doc__
-    assert "pipeline.jars" in doc and "-j " in doc and "KAFKA_CONNECTOR_URL" in doc
-    assert "ARG KAFKA_CONNECTOR_URL" in DOCKERFILE.read_text()
-    assert "/opt/flink/lib" in DOCKERFILE.read_text()
+# ------------------------------------------------------------------------------------ Kafka
+def test_the_image_takes_the_kafka_connector_pinned_in_kafka_pom():
+    text = DOCKERFILE.read_text()
+    assert "COPY kafka/pom.xml" in text and "-DincludeArtifactIds=flink-sql-connector-kafka" in text
+    assert "COPY --from=jvm-deps /build/connectors/ /opt/flink/lib/" in text
+    assert "STREAMLIFT_KAFKA__CONNECTOR_JAR=/opt/flink/lib/flink-sql-connector-kafka.jar" in text
+    pom = (ROOT / "kafka" / "pom.xml").read_text()
+    assert re.search(r"<flink.kafka.connector.version>[0-9.]+-[0-9.]+</flink.kafka.connector.version>", pom)
+    assert "KAFKA_CONNECTOR_URL" not in (DOCKER / "compose.yaml").read_text() + text

@@ -50,6 +50,7 @@ class Batch:
     quarantined: list = field(default_factory=list)   # (stream, stored text, reason)
     first_offset: int = -1
     last_offset: int = -1
+    late: bool = False                # every record of it was late (quarantined as such)
 
 
 def decode_batch(stream: str, blob: str | None, limits: dict | None = None, window_end: int = 0,
@@ -89,9 +90,9 @@ def decode_batch(stream: str, blob: str | None, limits: dict | None = None, wind
 
 def gather_slice(batches: list) -> tuple[dict, dict, list]:
     """``(frames, lines, quarantined)`` of one slice from its batches, in (stream, topic,
-    partition, first offset) order: the same slice whatever order the batches came in."""
+    partition, late, first offset) order: the same slice whatever order the batches came in."""
     frames, lines, quarantined = {}, {}, []
-    for b in sorted(batches, key=lambda b: (b.stream, b.topic, b.partition, b.first_offset)):
+    for b in sorted(batches, key=lambda b: (b.stream, b.topic, b.partition, b.late, b.first_offset)):
         lines[b.stream] = lines.get(b.stream, 0) + b.lines
         quarantined += b.quarantined
         if b.frame is not None and len(b.frame):
