@@ -7,6 +7,12 @@ no read is needed before a write, and writes a batch with one ``executemany``
 instead of a statement per value. Same table layout as Feast's store, so
 Feast reads it unchanged. Selected in feature_store.yaml with
 ``type: stores.feast_sqlite.GuardedSqliteOnlineStore``.
+
+Several writers (the features job's feast-online subtasks, each its own process) share the
+database file. SQLite allows one writer at a time, so each connection runs in WAL mode (readers
+never block the writer) with a busy timeout of :data:`BUSY_TIMEOUT_MS`: a writer waits for the
+lock instead of failing at once with ``database is locked``, and writes a batch in transactions
+of at most :data:`ROWS_PER_TRANSACTION` rows, so no writer holds the lock for long.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ from feast.infra.online_stores.sqlite import (SqliteOnlineStore, SqliteOnlineSto
                                               _quote_id, _table_id)
 from feast.utils import to_naive_utc
 
-__all__ = ["GuardedSqliteOnlineStore", "GuardedSqliteOnlineStoreConfig"]
+__all__ = ["GuardedSqliteOnlineStore", "GuardedSqliteOnlineStoreConfig", "BUSY_TIMEOUT_MS",
+           "ROWS_PER_TRANSACTION"]
+
+#: how long a writer waits for another writer's lock before the write fails
+BUSY_TIMEOUT_MS = 120_000
+#: rows (feature values) per transaction: bounds how long one writer holds the lock
+ROWS_PER_TRANSACTION = 50_000
+_TUNED: set = set()
 
 
 class GuardedSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
@@ -29,6 +42,11 @@ class GuardedSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
 class GuardedSqliteOnlineStore(SqliteOnlineStore):
     def online_write_batch(self, config, table, data, progress) -> None:
         conn = self._get_conn(config)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")       # per call: cheap, never lost
+        if id(conn) not in _TUNED:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            _TUNED.add(id(conn))
         name = _quote_id(_table_id(config.project, table,
                                    config.registry.enable_online_feature_view_versioning))
         sql = (f"INSERT INTO {name} (entity_key, feature_name, value, event_ts, created_ts) "
@@ -42,7 +60,8 @@ class GuardedSqliteOnlineStore(SqliteOnlineStore):
             ts = to_naive_utc(ts)
             created = to_naive_utc(created) if created is not None else None
             rows.extend((key, f, v.SerializeToString(), ts, created) for f, v in values.items())
-        with conn:
-            conn.executemany(sql, rows)
+        for i in range(0, len(rows), ROWS_PER_TRANSACTION):
+            with conn:
+                conn.executemany(sql, rows[i:i + ROWS_PER_TRANSACTION])
         if progress:
             progress(len(data))
