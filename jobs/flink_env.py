@@ -69,6 +69,8 @@ def flink_settings(cfg: Config, checkpoint_dir: Path | None = None) -> dict:
     settings.setdefault("python.client.executable", sys.executable)
     if checkpoint_dir is not None:
         settings["state.checkpoints.dir"] = checkpoint_dir.resolve().as_uri()
+    # streamlift.yaml's flink.settings (or STREAMLIFT_FLINK__SETTINGS='{key: value}') over the profile
+    settings.update({str(k): str(v) for k, v in dict(cfg.flink.get("settings") or {}).items()})
     return settings
 
 

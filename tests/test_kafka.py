@@ -203,3 +203,107 @@ def test_a_missing_topic_fails_at_start_naming_it(kafka_broker, tmp_path):
     cfg = _cfg(kafka_env(kafka_broker, "t-missing.", tmp_path))
     with pytest.raises(TopicMissing, match=r"t-missing\.decision\.v1.*tools.produce create-topics"):
         _run_kafka(cfg)
+
+
+def _send(cfg, bootstrap, lines):
+    """Produce ``(stream, line)`` pairs as tools.produce does (key decision_id, timestamp event time)."""
+    from jobs.kafka import topics
+    from tools.produce import _event_time, _key, producer
+
+    names = {s: t for t, s in topics(cfg).items()}
+    p = producer(cfg, bootstrap)
+    last = {}
+    for stream, line in lines:
+        t = _event_time(line)
+        last[stream] = t if t is not None else last.get(stream, 1767225600000)
+        p.produce(names[stream], value=line, key=_key(line), timestamp=last[stream])
+    assert p.flush(60) == 0
+    return max(last.values())
+
+
+def _sentinels(cfg, bootstrap, t):
+    """An unattributed click in every partition of every topic, a day after ``t``: every window
+    before it closes on an unbounded run."""
+    from confluent_kafka.admin import AdminClient
+
+    from jobs.kafka import topics
+    from tools.produce import producer
+
+    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+    p = producer(cfg, bootstrap)
+    n = 0
+    for topic in topics(cfg):
+        for part in md.topics[topic].partitions:
+            rec = {"event_id": f"s-{topic}-{part}", "decision_id": f"sentinel-{part}", "event_time": t + 86_400_000}
+            p.produce(topic, value=orjson.dumps(rec), partition=part, timestamp=rec["event_time"])
+            n += 1
+    assert p.flush(30) == 0
+    return n
+
+
+def test_a_broker_stop_and_a_job_crash_mid_stream_lose_nothing(clean_sim, tmp_path_factory):
+    """An unbounded run on its own broker: the broker is stopped for 10 s while the job reads,
+    then the job is killed (SIGKILL) after a checkpoint and restarted from it; the outputs
+    equal a bounded run's on the same topics, decision for decision."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, completed_checkpoints, wait_for, wait_for_newer_checkpoint
+    from tools.broker import start, stop
+    from tools.produce import create_topics, slice_lines
+
+    sim, _ = clean_sim
+    broker = start(tmp_path_factory.mktemp("own-broker"))
+    data = tmp_path_factory.mktemp("streaming")
+    env = kafka_env(broker.bootstrap, "t-crash.", data, flink__parallelism=2, kafka__batch_interval=BATCH)
+    cfg = _cfg(env)
+    create_topics(cfg)
+    lines = list(slice_lines(sim))
+    half = len(lines) // 2
+    _send(cfg, broker.bootstrap, lines[:half])
+
+    def job(*extra):
+        return subprocess.Popen([sys.executable, "-m", "jobs.features", "--until", "never", "--data-dir", str(data),
+                                 *extra], cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def slices():
+        return len(list((data / "stats").glob("slice-*.json")))
+
+    proc = job()
+    try:
+        wait_for(lambda: slices() >= 3, timeout=180, what="no slices from the unbounded run")
+        stop(broker)                                           # the broker goes away for 10 s
+        time.sleep(10)
+        broker = start(broker.folder)
+        t_last = _send(cfg, broker.bootstrap, lines[half:])
+        n_before = slices()
+        wait_for(lambda: slices() > n_before, timeout=180, what="no progress after the broker came back")
+        wait_for_newer_checkpoint(data)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)                    # crash
+        proc.wait(timeout=30)
+    n_sent = len(lines) + _sentinels(cfg, broker.bootstrap, t_last)
+    proc = job("--from-checkpoint", str(completed_checkpoints(data)[-1]))
+    try:
+        def accounted():
+            from jobs.sinks import summarize
+
+            s = summarize(cfg)
+            return s if s["events_in"] >= len(lines) else None
+        streamed = wait_for(accounted, timeout=240, what="the restarted job did not take every record")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    bounded_dir = tmp_path_factory.mktemp("bounded")
+    bounded = _run_kafka(_cfg({**env, "STREAMLIFT_PATHS__DATA_DIR": str(bounded_dir)}))
+    stop(broker)
+    assert bounded["events_in"] == n_sent and bounded["reconciles"]
+    # everything but the sentinels' window (still open on the unbounded run) is in both
+    assert streamed["events_in"] == len(lines)
+    for sub, by in (("enriched", ["decision_id"]), ("attributed", ["event_id", "kind"])):
+        pd.testing.assert_frame_equal(_frame(data, sub, by), _frame(bounded_dir, sub, by), check_exact=True)
+    assert _quarantine(data) == [q for q in _quarantine(bounded_dir) if "sentinel-" not in q[2]]

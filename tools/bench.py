@@ -27,7 +27,12 @@ mini-cluster with checkpointing on:
 * ``learner_engine_only`` udfs.learners.OnlineLearner in process over the same slices: decisions/s
                           and its prequential CTR quality against the simulator's truth;
 * ``vowpal_wabbit``       Vowpal Wabbit (pyvw, logistic loss) on the same slices, features and
-                          protocol as the CTR model (udfs.baselines.VowpalCTR), in process.
+                          protocol as the CTR model (udfs.baselines.VowpalCTR), in process;
+* ``kafka_backfill``      the same input replayed into Kafka topics (a broker started here), the job
+                          reading them with --until latest (parallelism 2, no online writes);
+* ``kafka_live``          a paced producer at stepped rates, the job unbounded on Kafka with Feast on
+                          Redis: freshness (send -> readable through Feast), lag, CPU per process
+                          (tools/bench_kafka.py).
 
 Each job is reported as events/s end to end and *net* of the start-up time of an
 empty job measured in the same run; ratios are net/net. The learners are reported in
@@ -519,6 +524,11 @@ SUMMARY_KEYS = {   # summary.json key: (results entry, field)
     "sql_ceiling_eps": ("flink_sql", "events_per_second"),
     "outcomes_eps": ("outcomes", "events_per_second"),
     "learner_eps": ("learner", "examples_per_second"),
+    "kafka_backfill_eps": ("kafka_backfill", "events_per_second"),
+    "kafka_sustained_eps": ("kafka_live", "sustained_events_per_second"),
+    "kafka_freshness_p50_s": ("kafka_live", "freshness_p50_s"),
+    "kafka_freshness_p99_s": ("kafka_live", "freshness_p99_s"),
+    "kafka_cpu_us_per_event": ("kafka_live", "cpu_us_per_event"),
 }
 
 
@@ -547,6 +557,43 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def run_kafka_section(sim: Path, out: Path, results: dict, save, rates, seconds, entry) -> None:
+    """The streaming section (tools/bench_kafka.py) on a broker and a Redis server started here."""
+    import subprocess
+
+    from tools import broker as broker_ctl
+    from tools.bench_kafka import run_kafka_backfill, run_kafka_steps
+
+    if not broker_ctl.jars_present():
+        results["kafka_backfill"] = results["kafka_live"] = {"skipped": "no Kafka jars (make kafka-jars)"}
+        return
+    folder = out / "kafka-broker"
+    if folder.exists():
+        shutil.rmtree(folder)
+    if "features_p2" not in results:           # the file path on the same input, in the same run
+        s = run_features(sim, out / "run-features-no-online", write_online=False, parallelism=2)
+        results["input_lines"] = s["events_in"]
+        results["features_p2"] = {**entry(s["events_in"], s["wall_seconds"]), "reconciles": s["reconciles"],
+                                  "stage_seconds": s["stage_seconds"]}
+        save()
+    b = broker_ctl.start(folder)
+    try:
+        k = run_kafka_backfill(sim, out / "run-kafka-backfill", b.bootstrap)
+        results["kafka_backfill"] = {**entry(k["events"], k["wall_seconds"]), **k}
+        save()
+        with redis_server() as conn:
+            if conn is None:
+                results["kafka_live"] = {"skipped": "redis-server not installed (make redis)"}
+                return
+            port = conn.rsplit(":", 1)[1]
+            rpid = int(subprocess.check_output(["pgrep", "-f", f"redis-server .*:{port}"]).split()[0])
+            results["kafka_live"] = run_kafka_steps(sim, out, b.bootstrap, b.pid, conn, rpid, rates=rates,
+                                                    seconds=seconds, log=lambda m: print(m, file=sys.stderr, flush=True))
+            save()
+    finally:
+        broker_ctl.stop(b)
+
+
 def main(argv=None) -> None:
     from jobs.config import quiet_third_party_warnings
 
@@ -555,7 +602,10 @@ def main(argv=None) -> None:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--naive-events", type=int, default=50_000)
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--only", choices=("all", "features", "outcomes", "learner"), default="all",
+    p.add_argument("--kafka-rates", default="2000,5000,10000,20000,30000",
+                   help="the paced producer's rates (events/s), stepped up while the job keeps up")
+    p.add_argument("--kafka-seconds", type=float, default=180, help="seconds per rate")
+    p.add_argument("--only", choices=("all", "features", "outcomes", "learner", "kafka"), default="all",
                    help="features: only the features entries; outcomes: the outcomes and learner entries; "
                         "learner: only the learner entries (the last two on the hand-off of an earlier run "
                         "if there is one)")
@@ -603,6 +653,13 @@ def main(argv=None) -> None:
     print(f"bench: {args.events:,} events in {sim}; start-up of an empty job {startup:.1f} s", file=sys.stderr,
           flush=True)
 
+    if args.only in ("all", "features", "kafka"):
+        run_kafka_section(sim, out, results, save, [float(r) for r in args.kafka_rates.split(",")],
+                          args.kafka_seconds, entry)
+    if args.only == "kafka":
+        write_summary(out, results)
+        print(json.dumps({k: results[k] for k in ("kafka_backfill", "kafka_live") if k in results}, indent=2))
+        return
     handoff = out / "run-features-no-online"
     if args.only in ("all", "features") or not (handoff / "handoff").exists():
         # parallelism 1 and 2 without online writes, same input, same run

@@ -97,8 +97,13 @@ def start(folder: Path, port: int | None = None, timeout: float = 60.0, extra: d
                            "(fetches them from Maven Central)")
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    controller = free_port()
+    ports = folder / "ports"
+    if ports.exists():                 # a restart: the same listeners (clients and the quorum know them)
+        old_port, old_controller = (int(x) for x in ports.read_text().split())
+        port, controller = port or old_port, old_controller
+    else:
+        port, controller = port or free_port(), free_port()
+    ports.write_text(f"{port} {controller}")
     conf = folder / "server.properties"
     conf.write_text(_properties(folder, port, controller, extra))
     if not (folder / "logs" / "meta.properties").exists():

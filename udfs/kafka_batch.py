@@ -1,9 +1,9 @@
 """Kafka record batches -> validated columns + quarantine, and batches -> slices.
 
 Plain Python, no Flink. The features job's Kafka source (``jobs/kafka.py``) hands Python one
-row per event-time window, topic and partition: the window's record values, each Base64
-encoded by Flink SQL (``TO_BASE64``) and joined with ``,``; a ``~`` stands for a record without
-a value (a tombstone). :func:`decode_batch` turns one such row into the contract's columns
+row per event-time window, topic and partition: the window's record values as sent (Flink
+SQL's ``ARRAY_AGG`` of the raw bytes), :data:`TOMBSTONE` standing for a record without a
+value. :func:`decode_batch` turns one such row into the contract's columns
 and the quarantine, every record in exactly one of them; :func:`gather_slice` joins a
 window's rows into one slice, in an order that does not depend on their arrival.
 
@@ -12,30 +12,26 @@ Reasons a Kafka record gets besides the validator's (``bad_json``, ``missing:<fi
 ``size:line`` (longer than ``limits.max_line_bytes``), ``late`` (see ``jobs/kafka.py``),
 ``future`` (dated more than ``limits.max_future`` ahead of the wall clock).
 
->>> import base64
->>> enc = lambda b: base64.b64encode(b).decode()
->>> blob = ",".join([enc(b'{"event_id":"c1","decision_id":"d1","event_time":1767225600000}'),
-...                  "~", enc(b""), enc(b"\\xff\\xfe"), enc(b"{bad")])
->>> b = decode_batch("click", blob)
+>>> values = [b'{"event_id":"c1","decision_id":"d1","event_time":1767225600000}',
+...           TOMBSTONE, b"", b"\\xff\\xfe", b"{bad"]
+>>> b = decode_batch("click", values)
 >>> len(b.frame), b.lines, sorted(r for _, _, r in b.quarantined)
 (1, 5, ['bad_json', 'empty', 'empty:tombstone', 'encoding'])
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from udfs.ingest import _quarantined_text, validators
 
-__all__ = ["Batch", "decode_batch", "gather_slice", "TOMBSTONE", "SEPARATOR"]
+__all__ = ["Batch", "decode_batch", "gather_slice", "TOMBSTONE", "TOMBSTONE_SQL"]
 
-#: how the SQL side writes a record without a value, and the separator of the records
-TOMBSTONE = "~"
-SEPARATOR = ","
+#: how the SQL side writes a record without a value (a tombstone): bytes no UTF-8 text holds
+TOMBSTONE = b"\x00\xff\x00"
+TOMBSTONE_SQL = "X'00FF00'"
 
 
 @dataclass
@@ -53,7 +49,7 @@ class Batch:
     late: bool = False                # every record of it was late (quarantined as such)
 
 
-def decode_batch(stream: str, blob: str | None, limits: dict | None = None, window_end: int = 0,
+def decode_batch(stream: str, values, limits: dict | None = None, window_end: int = 0,
                  topic: str = "", partition: int = 0, first_offset: int = -1, last_offset: int = -1) -> Batch:
     """Decode and validate one batch row (see the module docstring)."""
     limits = limits or {}
@@ -62,15 +58,11 @@ def decode_batch(stream: str, blob: str | None, limits: dict | None = None, wind
     out = Batch(stream, int(window_end), topic, int(partition), first_offset=int(first_offset),
                 last_offset=int(last_offset))
     raw, bad = [], []
-    for item in (blob.split(SEPARATOR) if blob else []):
-        if item == TOMBSTONE:
+    for value in values or ():
+        if value is None or value == TOMBSTONE:
             bad.append((stream, "", "empty:tombstone"))
             continue
-        try:
-            value = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError):     # not from our SQL: count it, never drop it
-            bad.append((stream, item[:512], "encoding:base64"))
-            continue
+        value = bytes(value)
         if not value.strip():
             bad.append((stream, "", "empty"))
             continue
