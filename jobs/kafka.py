@@ -150,7 +150,7 @@ def source_ddl(cfg, bootstrap: str | None = None, until: str | None = None, star
             "properties.group.id": kc.get("group_id", "streamlift-features"),
             "scan.startup.mode": startup or kc.get("startup_mode", "earliest-offset"),
             "format": "raw",
-            "scan.watermark.idle-timeout": f"{parse_duration(kc.get('idle_timeout', '30s'))} ms"}
+            "scan.watermark.idle-timeout": f"{parse_duration(kc.get('idle_timeout', '5m'))} ms"}
     if until == "latest":
         opts["scan.bounded.mode"] = "latest-offset"
     elif until not in (None, "", "never"):

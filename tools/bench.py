@@ -526,6 +526,7 @@ SUMMARY_KEYS = {   # summary.json key: (results entry, field)
     "learner_eps": ("learner", "examples_per_second"),
     "kafka_backfill_eps": ("kafka_backfill", "events_per_second"),
     "kafka_sustained_eps": ("kafka_live", "sustained_events_per_second"),
+    "kafka_keeps_up_eps": ("kafka_live", "keeps_up_events_per_second"),
     "kafka_freshness_p50_s": ("kafka_live", "freshness_p50_s"),
     "kafka_freshness_p99_s": ("kafka_live", "freshness_p99_s"),
     "kafka_cpu_us_per_event": ("kafka_live", "cpu_us_per_event"),

@@ -96,7 +96,7 @@ def _cpu_delta(before: dict, after: dict) -> dict:
 
 
 def run_kafka_backfill(sim: Path, data: Path, bootstrap: str, parallelism: int = 2,
-                       batch_interval: str = "1h") -> dict:
+                       batch_interval: str = "6h") -> dict:
     """The bounded input of the file runs through Kafka: replay (timed separately), then the job."""
     from jobs.features import run
     from tools.produce import create_topics, replay
@@ -222,7 +222,8 @@ def _step(sim_templates, cfg_env: dict, bootstrap: str, redis: str, broker_pid: 
 
     def on_decision(rec, now):
         count[0] += 1
-        if count[0] % k == 0 and rec.get("consent") and rec.get("user_id"):
+        # a treatment decision of a consenting user: it moves the user's impressions (the feature read)
+        if count[0] % k == 0 and rec.get("consent") and rec.get("user_id") and rec.get("arm") == "treatment":
             with lock:
                 samples.append((rec["user_id"], now))
 
@@ -259,7 +260,7 @@ def _step(sim_templates, cfg_env: dict, bootstrap: str, redis: str, broker_pid: 
                 got = store.get_online_features(features=feat, entity_rows=[{"user_id": u} for u, _ in batch]) \
                     .to_df(include_event_timestamps=True)
                 now = time.time() * 1000
-                ts_col = [c for c in got.columns if c.endswith("__ts")][0]
+                ts_col = f"{feat[0].split(':')[1]}__ts"
                 for (u, sent_ms), ts in zip(batch, got[ts_col]):
                     ts_ms = _ms(ts)
                     if ts_ms is not None and ts_ms >= sent_ms - 1000:   # Feast keeps whole seconds
@@ -296,9 +297,10 @@ def _step(sim_templates, cfg_env: dict, bootstrap: str, redis: str, broker_pid: 
            "lag_records_max": int(max(tail)), "lag_records_last": int(tail[-1]),
            "behind_after_30s": int(behind),
            "cpu_seconds": cpu, "cpu_us_per_event": round(sum(cpu.values()) / max(n, 1) * 1e6, 1)}
-    # keeping up: the lag never exceeds 10 s of input after the first third, everything is accounted
-    # for within 30 s of the end, and freshness p99 <= 2 s
-    res["keeps_up"] = bool(res["lag_records_max"] <= 10 * rate and behind <= 0 and res["freshness_p99_s"] <= 2.0)
+    # keeping up: the lag never exceeds 10 s of input after the first third and everything is
+    # accounted for within 30 s of the end; the objective adds freshness p99 <= 2 s
+    res["keeps_up"] = bool(res["lag_records_max"] <= 10 * rate and behind <= 0)
+    res["meets_freshness_objective"] = bool(res["keeps_up"] and res["freshness_p99_s"] <= 2.0)
     return res
 
 
@@ -315,15 +317,18 @@ def run_kafka_steps(sim: Path, out: Path, bootstrap: str, broker_pid: int, redis
                # and a Flink checkpoint every 30 s (each copies the whole heap state)
                "STREAMLIFT_FEATURES__SNAPSHOT_EVERY": "120", "STREAMLIFT_FLINK__SETTINGS": "{execution.checkpointing.interval: 30s}"}
     templates = _Templates(sim)
-    steps, best = [], None
+    steps, best, kept = [], None, None
     for i, r in enumerate(rates):
         res = _step(templates, cfg_env, bootstrap, redis, broker_pid, redis_pid, r, seconds,
                     out / f"run-kafka-live-{r}", f"bench-live-{i}-{int(time.time())}.")
         steps.append(res)
         log(f"bench: kafka live at {r:,}/s: freshness p50 {res['freshness_p50_s']} s, p99 {res['freshness_p99_s']} s, "
-            f"max lag {res['lag_records_max']:,} records, keeps up: {res['keeps_up']}")
+            f"max lag {res['lag_records_max']:,} records, keeps up: {res['keeps_up']}, "
+            f"freshness objective: {res['meets_freshness_objective']}")
         if res["keeps_up"]:
-            best = res
+            kept = res
+            if res["meets_freshness_objective"]:
+                best = res
         else:
             break
     idle = _step(templates, cfg_env, bootstrap, redis, broker_pid, redis_pid, 100, min(seconds, 60),
@@ -333,9 +338,12 @@ def run_kafka_steps(sim: Path, out: Path, bootstrap: str, broker_pid: int, redis
     empty = {"rate": 100, "job_cpu_seconds": round(job_cpu, 2), "seconds": idle["seconds"],
              "cpu_ms_per_batch_interval": round(job_cpu / (idle["seconds"] / interval_s) * 1000, 1),
              "batch_interval_s": interval_s}
+    # the figures at the highest rate that met the objective, else at the highest that kept up
+    at = best or kept
     return {"steps": steps, "sustained_events_per_second": best["events_per_second"] if best else None,
-            "freshness_p50_s": best["freshness_p50_s"] if best else None,
-            "freshness_p99_s": best["freshness_p99_s"] if best else None,
-            "cpu_us_per_event": best["cpu_us_per_event"] if best else None, "empty_batch": empty,
+            "keeps_up_events_per_second": kept["events_per_second"] if kept else None,
+            "freshness_p50_s": at["freshness_p50_s"] if at else None,
+            "freshness_p99_s": at["freshness_p99_s"] if at else None,
+            "cpu_us_per_event": at["cpu_us_per_event"] if at else None, "empty_batch": empty,
             "settings": {k.replace("STREAMLIFT_", "").lower(): v for k, v in cfg_env.items()
                          if "BOOTSTRAP" not in k and "REDIS_CONNECTION" not in k}}
