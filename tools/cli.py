@@ -12,6 +12,8 @@ __all__ = ["COMMANDS", "main"]
 #: command -> (module whose main() runs it, what it does)
 COMMANDS = {
     "simulate": ("tools.simulate", "generate a traffic stream (decisions, clicks, conversions) with its truth"),
+    "produce": ("tools.produce", "Kafka: create the contracts' topics, replay slice files into them (paced or live)"),
+    "broker": ("tools.broker", "a local Kafka broker (KRaft) for development: up, down, status"),
     "features": ("jobs.features", "the features job: decayed features to Feast, enriched decisions, hand-off"),
     "outcomes": ("jobs.outcomes", "the outcomes job: decisions joined to outcomes, delayed labels, Iceberg"),
     "learner": ("jobs.learner", "the learner job: online CTR, conversion and uplift models, snapshots"),
