@@ -16,7 +16,8 @@ Flink's Kafka connector, batched in Java, validated and sliced in Python.
       ├── on time ─► TUMBLE(timestamp, kafka.batch_interval) GROUP BY topic, partition  [Java]
       │              one row per window and partition: ARRAY_AGG of the raw values
       │                ▼ kafka-read   [Python × P]  udfs.kafka_batch.decode_batch: validate -> quarantine
-      ├── late ───────►┤ (one row per record: rare)
+      ├── late/future ►┤ (one row per record: rare; it joins the window holding its partition's
+      │                │  watermark when it was read, a window not yet fired: the same slice every run)
       │                ▼ kafka-gather [Python × 1]  on the watermark passing a window's end: the
       │                                             window's batches -> one slice (seq = windows so
       │                                             far), split by hash(decision_id) into shard parts

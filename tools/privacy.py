@@ -147,6 +147,7 @@ def _forget_online(cfg: Config, users: set) -> dict:
     from feast.infra.online_stores.sqlite import _table_id
 
     conn = store._get_provider().online_store._get_conn(conf)
+    conn.execute("PRAGMA secure_delete = ON")      # deleted rows are overwritten, not just unlinked
     keys = 0
     versioning = bool(getattr(conf.registry, "enable_online_feature_view_versioning", False))
     for view in _user_views(store):
@@ -162,6 +163,12 @@ def _forget_online(cfg: Config, users: set) -> dict:
         conn.executemany(f"DELETE FROM {name} WHERE entity_key = ?", [(k,) for k in hit])
         keys += len(hit)
     conn.commit()
+    # the writers run the database in WAL mode: copy the WAL (with the overwritten pages) into the
+    # database file and truncate it, so neither file keeps an old copy of the deleted rows
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        raise RuntimeError("the Feast SQLite online store is in use (a job still reading or writing it): "
+                           "stop the features job and run forget again")
     return {"store": "sqlite", "keys": keys}
 
 
