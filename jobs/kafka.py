@@ -48,7 +48,7 @@ from schemas import CONTRACTS, Contract
 from udfs.spec import parse_duration
 
 __all__ = ["TOPIC_PREFIX", "topic_name", "topics", "connector_jar", "client_config", "check_topics",
-           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing"]
+           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing", "librdkafka_config"]
 
 TOPIC_PREFIX = "streamlift."
 TABLE = "streamlift_kafka_in"
@@ -121,7 +121,7 @@ def check_topics(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> di
     from confluent_kafka.admin import AdminClient
 
     conf = client_config(cfg, bootstrap)
-    md = AdminClient({**_librdkafka(conf), "log_level": 0}).list_topics(timeout=timeout)
+    md = AdminClient({**librdkafka_config(conf), "log_level": 0}).list_topics(timeout=timeout)
     missing = [t for t in topics(cfg) if t not in md.topics or md.topics[t].error is not None]
     if missing:
         raise TopicMissing(f"Kafka topic(s) {', '.join(missing)} do not exist on {conf['bootstrap.servers']}: "
@@ -129,7 +129,7 @@ def check_topics(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> di
     return {t: len(md.topics[t].partitions) for t in topics(cfg)}
 
 
-def _librdkafka(conf: dict) -> dict:
+def librdkafka_config(conf: dict) -> dict:
     """Java client names -> librdkafka's where they differ (SASL/PLAIN credentials)."""
     out = dict(conf)
     jaas = out.pop("sasl.jaas.config", None)
@@ -248,8 +248,8 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
             self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
 
         def flat_map(self, row: Row):
+            from udfs.features import withhold_user_ids
             from udfs.kafka_batch import decode_batch
-            from udfs.privacy import blank_forgotten
 
             topic = row[0]
             stream = streams.get(topic)
@@ -258,14 +258,9 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
                 # window that cannot have fired yet, so the slice it lands in is the same on every run
                 mark = _ms(row[5]) - ooo
                 end = (mark // interval + 1) * interval
-                b = decode_batch(stream, [row[3]], limits, end, topic, row[1], row[2], row[2])
-                b.late = True
+                b = decode_batch(stream, [row[3]], limits, end, topic, row[1], row[2], row[2], late=True)
                 reason = "future" if row[4] else "late"
-                df = b.frame
-                if len(df) and "consent" in df:         # as the reader does: no consent, no user id kept
-                    df = df.copy()
-                    df.loc[~df["consent"].astype(bool), "user_id"] = ""
-                df = blank_forgotten(df, self.forget)[0]
+                df = withhold_user_ids(b.frame, self.forget) if stream == "decision" else b.frame
                 b.quarantined += [(stream, r, reason) for r in (df.to_dict("records") if len(df) else [])]
                 b.frame = None
             else:
@@ -288,7 +283,7 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
         def process_element(self, value, ctx):
             blob = value[1]
             b = pickle.loads(blob)
-            kind = "l" if getattr(b, "late", False) else "b"
+            kind = "l" if b.late else "b"
             self.pending.put(f"{b.window_end:015d}:{kind}:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
             ctx.timer_service().register_event_time_timer(b.window_end - 1)
             return iter(())

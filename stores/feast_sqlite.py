@@ -31,7 +31,6 @@ __all__ = ["GuardedSqliteOnlineStore", "GuardedSqliteOnlineStoreConfig", "BUSY_T
 BUSY_TIMEOUT_MS = 120_000
 #: rows (feature values) per transaction: bounds how long one writer holds the lock
 ROWS_PER_TRANSACTION = 50_000
-_TUNED: set = set()
 
 
 class GuardedSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
@@ -40,13 +39,19 @@ class GuardedSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
 
 
 class GuardedSqliteOnlineStore(SqliteOnlineStore):
-    def online_write_batch(self, config, table, data, progress) -> None:
-        conn = self._get_conn(config)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")       # per call: cheap, never lost
-        if id(conn) not in _TUNED:
+    def _get_conn(self, config):
+        """Feast's connection (made once per store), set up for several writers when it is made:
+        every use of it, reads and the privacy tool's deletes too, waits for the lock."""
+        fresh = not self._conn
+        conn = super()._get_conn(config)
+        if fresh:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            _TUNED.add(id(conn))
+        return conn
+
+    def online_write_batch(self, config, table, data, progress) -> None:
+        conn = self._get_conn(config)
         name = _quote_id(_table_id(config.project, table,
                                    config.registry.enable_online_feature_view_versioning))
         sql = (f"INSERT INTO {name} (entity_key, feature_name, value, event_ts, created_ts) "

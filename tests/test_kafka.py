@@ -208,15 +208,16 @@ def test_a_missing_topic_fails_at_start_naming_it(kafka_broker, tmp_path):
 def _send(cfg, bootstrap, lines):
     """Produce ``(stream, line)`` pairs as tools.produce does (key decision_id, timestamp event time)."""
     from jobs.kafka import topics
-    from tools.produce import _event_time, _key, producer
+    from tools.produce import _event_time, _key, _parse, producer
 
     names = {s: t for t, s in topics(cfg).items()}
     p = producer(cfg, bootstrap)
     last = {}
     for stream, line in lines:
-        t = _event_time(line)
+        obj = _parse(line)
+        t = _event_time(obj)
         last[stream] = t if t is not None else last.get(stream, 1767225600000)
-        p.produce(names[stream], value=line, key=_key(line), timestamp=last[stream])
+        p.produce(names[stream], value=line, key=_key(obj), timestamp=last[stream])
     assert p.flush(60) == 0
     return max(last.values())
 

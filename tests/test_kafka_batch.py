@@ -72,8 +72,8 @@ def test_source_ddl_reads_every_contract_topic_raw_with_per_partition_watermarks
 
 
 def test_sasl_credentials_reach_the_python_clients():
-    from jobs.kafka import _librdkafka
+    from jobs.kafka import librdkafka_config
 
-    got = _librdkafka({"sasl.jaas.config": 'org.apache.kafka.common.security.plain.PlainLoginModule required '
+    got = librdkafka_config({"sasl.jaas.config": 'org.apache.kafka.common.security.plain.PlainLoginModule required '
                                            'username="app" password="s3cret";', "bootstrap.servers": "b:1"})
     assert got == {"bootstrap.servers": "b:1", "sasl.username": "app", "sasl.password": "s3cret"}

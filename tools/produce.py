@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 
 from jobs.config import load
-from jobs.kafka import _librdkafka, client_config, topics
+from jobs.kafka import librdkafka_config, client_config, topics
 
 __all__ = ["create_topics", "replay", "producer", "slice_lines"]
 
@@ -33,7 +33,7 @@ __all__ = ["create_topics", "replay", "producer", "slice_lines"]
 def producer(cfg, bootstrap: str | None = None, **extra):
     from confluent_kafka import Producer
 
-    conf = {**_librdkafka(client_config(cfg, bootstrap)), "linger.ms": 20, "batch.num.messages": 10000,
+    conf = {**librdkafka_config(client_config(cfg, bootstrap)), "linger.ms": 20, "batch.num.messages": 10000,
             "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4", "enable.idempotence": True,
             "message.max.bytes": 2 * 1024 * 1024, **extra}
     return Producer(conf)
@@ -44,7 +44,7 @@ def create_topics(cfg, bootstrap: str | None = None, partitions: int | None = No
     the topics created."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({**_librdkafka(client_config(cfg, bootstrap)), "log_level": 0})
+    admin = AdminClient({**librdkafka_config(client_config(cfg, bootstrap)), "log_level": 0})
     have = admin.list_topics(timeout=timeout).topics
     n = int(partitions or cfg.kafka.get("partitions", 2))
     new = [NewTopic(t, n, 1) for t in topics(cfg) if t not in have]
@@ -74,33 +74,33 @@ def slice_lines(input_dir: Path):
                     yield stream, line
 
 
-def _event_time(line: bytes):
+def _parse(line: bytes):
+    """The line as a JSON object, or None (the job quarantines it; the producer only routes it)."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(obj, dict):
-        t = obj.get("event_time")
-        if isinstance(t, int) and not isinstance(t, bool) and 0 < t < 2 ** 53:
-            return t
+    return obj if isinstance(obj, dict) else None
+
+
+def _event_time(obj) -> int | None:
+    t = obj.get("event_time") if obj is not None else None
+    if isinstance(t, int) and not isinstance(t, bool) and 0 < t < 2 ** 53:
+        return t
     return None
+
+
+def _key(obj) -> bytes | None:
+    d = obj.get("decision_id") if obj is not None else None
+    return d.encode() if isinstance(d, str) and d else None
 
 
 def _first_event_time(input_dir: Path) -> int:
     for _, line in slice_lines(input_dir):
-        t = _event_time(line)
+        t = _event_time(_parse(line))
         if t is not None:
             return t
     return int(time.time() * 1000)
-
-
-def _key(line: bytes):
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    d = obj.get("decision_id") if isinstance(obj, dict) else None
-    return d.encode() if isinstance(d, str) and d else None
 
 
 def replay(cfg, input_dir: Path, bootstrap: str | None = None, rate: float | None = None,
@@ -130,17 +130,14 @@ def replay(cfg, input_dir: Path, bootstrap: str | None = None, rate: float | Non
                 time.sleep(wait)
             if seconds is not None and time.time() - t0 > seconds:
                 break
+        obj = _parse(line)                    # once per record: time, key, and the live rewrite
         if live:
             ts = int(time.time() * 1000)
-            try:
-                obj = orjson.loads(line)
-                if isinstance(obj, dict) and isinstance(obj.get("event_time"), int):
-                    obj["event_time"] = ts
-                    line = orjson.dumps(obj)
-            except orjson.JSONDecodeError:
-                pass
+            if obj is not None and isinstance(obj.get("event_time"), int):
+                obj["event_time"] = ts
+                line = orjson.dumps(obj)
         else:
-            t = _event_time(line)
+            t = _event_time(obj)
             if stream not in last_t:
                 last_t[stream] = t if t is not None else _first_event_time(Path(input_dir))
             ts = last_t[stream] if t is None else t
@@ -148,7 +145,7 @@ def replay(cfg, input_dir: Path, bootstrap: str | None = None, rate: float | Non
                 last_t[stream] = max(last_t[stream], t)
         while True:
             try:
-                p.produce(names[stream], value=line, key=_key(line), timestamp=ts, on_delivery=delivered)
+                p.produce(names[stream], value=line, key=_key(obj), timestamp=ts, on_delivery=delivered)
                 break
             except BufferError:
                 p.poll(0.05)

@@ -39,7 +39,7 @@ from udfs.attribution import AttributionStage, ReaderPart
 from udfs.keys import id_hash, order_by, shard_of
 from udfs.spec import KIND_RANK, METRICS, FeatureSpec, parse_duration
 
-__all__ = ["FeatureEngine", "SliceOutput", "split_slice", "merge_slice", "to_frames",
+__all__ = ["FeatureEngine", "SliceOutput", "split_slice", "withhold_user_ids", "merge_slice", "to_frames",
            "KEY_TYPES", "METRICS", "KIND_RANK", "parse_duration", "feature_names", "ENTITY_COLUMNS", "KEY_SEP"]
 
 _DEFAULT = FeatureSpec()
@@ -88,6 +88,23 @@ def to_frames(batches: dict) -> dict:
     return out
 
 
+def withhold_user_ids(dec: pd.DataFrame, forget=None) -> pd.DataFrame:
+    """Decisions without ``consent``, or of a user on the forget list ``forget`` (a
+    :class:`udfs.privacy.ForgetList`), with an empty ``user_id``: consent, end to end, means no
+    user-level value is kept anywhere downstream (features, enriched decisions, hand-off,
+    outcome rows, quarantine)."""
+    if dec is None or not len(dec):
+        return dec
+    if "consent" in dec and not dec["consent"].all():
+        dec = dec.copy()
+        dec.loc[~dec["consent"].astype(bool), "user_id"] = ""
+    if forget is not None:
+        from udfs.privacy import blank_forgotten
+
+        dec = blank_forgotten(dec, forget)[0]
+    return dec
+
+
 def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined: list | None = None,
                 shards: int = 1, max_future_ms: int | None = None, now_ms: int | None = None,
                 forget=None, clock_t: int | None = None) -> list[ReaderPart]:
@@ -106,17 +123,8 @@ def split_slice(seq: int, batches: dict, lines: dict | None = None, quarantined:
     :class:`udfs.privacy.ForgetList`), loses its ``user_id`` here, before anything else sees it."""
     frames = to_frames(batches)
     quarantined = list(quarantined or [])
-    dec = frames.get("decision")
-    if dec is not None and "consent" in dec and not dec["consent"].all():
-        # consent, end to end: without it no user-level value is kept anywhere downstream
-        # (features, enriched decisions, hand-off, outcome rows): the user id is dropped here
-        dec = dec.copy()
-        dec.loc[~dec["consent"].astype(bool), "user_id"] = ""
-        frames["decision"] = dec
-    if dec is not None and forget is not None:
-        from udfs.privacy import blank_forgotten
-
-        frames["decision"] = dec = blank_forgotten(dec, forget)[0]
+    if "decision" in frames:
+        frames["decision"] = withhold_user_ids(frames["decision"], forget)
     if max_future_ms is not None:
         import time
 

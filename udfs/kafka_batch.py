@@ -50,13 +50,14 @@ class Batch:
 
 
 def decode_batch(stream: str, values, limits: dict | None = None, window_end: int = 0,
-                 topic: str = "", partition: int = 0, first_offset: int = -1, last_offset: int = -1) -> Batch:
+                 topic: str = "", partition: int = 0, first_offset: int = -1, last_offset: int = -1,
+                 late: bool = False) -> Batch:
     """Decode and validate one batch row (see the module docstring)."""
     limits = limits or {}
     key = limits.get("quarantine_key")
     validator = validators(limits.get("max_field_chars"), limits.get("max_line_bytes"))[stream]
     out = Batch(stream, int(window_end), topic, int(partition), first_offset=int(first_offset),
-                last_offset=int(last_offset))
+                last_offset=int(last_offset), late=late)
     raw, bad = [], []
     for value in values or ():
         if value is None or value == TOMBSTONE:
