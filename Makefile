@@ -8,6 +8,8 @@ FLINK_HOME = $(shell $(BIN)/python -c 'import pyflink, os; print(os.path.dirname
 DATA ?= data
 EVENTS ?= 200000
 JOB ?= features
+JVM := .jvm
+KAFKA_STAMP := $(JVM)/.fetched
 
 .DEFAULT_GOAL := help
 .PHONY: help venv kafka-jars kafka-up kafka-down redis postgres chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
@@ -33,9 +35,6 @@ report: $(STAMP) ## one HTML page of plots from the demo's run (after make demo)
 chromium: ## install Debian's chromium if missing (the report test opens the page in it, headless)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
-
-JVM := .jvm
-KAFKA_STAMP := $(JVM)/.fetched
 
 $(KAFKA_STAMP): kafka/pom.xml
 	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(abspath $(JVM))/kafka-broker

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
+import json
 import pickle
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ from schemas import CONTRACTS, Contract
 from udfs.spec import parse_duration
 
 __all__ = ["TOPIC_PREFIX", "topic_name", "topics", "connector_jar", "client_config", "check_topics",
-           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing", "librdkafka_config"]
+           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing", "librdkafka_config", "offsets"]
 
 TOPIC_PREFIX = "streamlift."
 TABLE = "streamlift_kafka_in"
@@ -127,6 +128,26 @@ def check_topics(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> di
         raise TopicMissing(f"Kafka topic(s) {', '.join(missing)} do not exist on {conf['bootstrap.servers']}: "
                            "create them with `python -m tools.produce create-topics` (or your platform's tooling)")
     return {t: len(md.topics[t].partitions) for t in topics(cfg)}
+
+
+def offsets(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> dict[str, tuple[int, int]]:
+    """``topic:partition`` -> (low, high) offsets on the broker of every topic the job reads:
+    a partition's records so far are ``high - low``; the job's lag is ``high`` minus its position."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    conf = librdkafka_config(client_config(cfg, bootstrap))
+    c = Consumer({**conf, "group.id": "streamlift-offsets", "enable.auto.commit": False, "log_level": 0})
+    try:
+        md = c.list_topics(timeout=timeout)
+        out = {}
+        for t in topics(cfg):
+            if t not in md.topics:
+                continue
+            for part in sorted(md.topics[t].partitions):
+                out[f"{t}:{part}"] = c.get_watermark_offsets(TopicPartition(t, part), timeout=timeout)
+        return out
+    finally:
+        c.close()
 
 
 def librdkafka_config(conf: dict) -> dict:
@@ -289,8 +310,9 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
             return iter(())
 
         def on_timer(self, timestamp, ctx):
+            from jobs.sinks import atomic_write
             from udfs.features import split_slice
-            from udfs.kafka_batch import gather_slice
+            from udfs.kafka_batch import gather_slice, partition_counts
 
             t0 = time.thread_time()
             end = timestamp + 1
@@ -299,6 +321,10 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
                 return
             frames, lines, quarantined = gather_slice([b for _, b in mine])
             seq = self.seq.value() or 0
+            # what the slice took from each partition (rewritten with the same content on a replay)
+            atomic_write(cfg.data_dir / "stats" / f"partitions-{seq:08d}.json",
+                         json.dumps({"seq": seq, "window_end_ms": end,
+                                     "partitions": partition_counts([b for _, b in mine])}).encode())
             clock_t = timestamp + ooo
             parts = split_slice(seq, frames, lines, quarantined, p, max_future, forget=self.forget, clock_t=clock_t)
             parts[0].timing = {"read_s": round(time.thread_time() - t0, 3)}

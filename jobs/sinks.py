@@ -140,9 +140,19 @@ def summarize(cfg: Config) -> dict:
         fault = json.loads(f.read_text())
         events_in["manifest"] += 1
         quarantined[fault["reason_kind"]] += 1
+    partitions: dict = {}                          # Kafka: what the slices took from each partition
+    for f in (cfg.data_dir / "stats").glob("partitions-*.json"):
+        for tp, c in json.loads(f.read_text())["partitions"].items():
+            t = partitions.setdefault(tp, {"records": 0, "quarantined_on_read": 0,
+                                           "first_offset": c["first_offset"], "last_offset": c["last_offset"]})
+            t["records"] += c["records"]
+            t["quarantined_on_read"] += c["quarantined_on_read"]
+            t["first_offset"] = min(t["first_offset"], c["first_offset"])
+            t["last_offset"] = max(t["last_offset"], c["last_offset"])
     n_in = sum(events_in.values())
     n_proc, n_q = sum(processed.values()), sum(quarantined.values())
-    return {"slices": len(files), "events_in": n_in, "events_in_by_stream": dict(events_in),
+    extra = {"partitions": dict(sorted(partitions.items()))} if partitions else {}
+    return {**extra, "slices": len(files), "events_in": n_in, "events_in_by_stream": dict(events_in),
             "processed": n_proc, "processed_by_stream": dict(processed),
             "quarantined": n_q, "quarantined_by_reason": dict(quarantined), "pending": pending,
             "reconciles": n_in == n_proc + n_q + pending,

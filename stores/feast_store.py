@@ -49,13 +49,21 @@ _SPEC = {}
 
 
 def _config_spec():
-    from jobs.config import load
+    """The feature spec of the loaded configuration, parsed again only when the file or the
+    environment's overrides change (writers ask for it on every write)."""
+    import os
+
+    from jobs.config import PREFIX, ROOT, load
     from udfs.spec import FeatureSpec
 
-    cfg = load()
-    key = (tuple(cfg.features["half_lives"]), str(cfg.features.get("spec_version", "v1")))
+    path = Path(os.environ.get("STREAMLIFT_CONFIG", ROOT / "streamlift.yaml"))
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = None
+    key = (str(path), mtime, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX))))
     if key not in _SPEC:
-        _SPEC[key] = FeatureSpec.from_config(cfg)
+        _SPEC[key] = FeatureSpec.from_config(load())
     return _SPEC[key]
 
 

@@ -129,6 +129,14 @@ def test_kafka_source_equals_the_file_source_on_the_same_events(kafka_runs):
     assert sk["quarantined_by_reason"]["late"] == n_late and sk["quarantined_by_reason"]["duplicate"] > 100
     assert sk["processed_by_stream"] == sf["processed_by_stream"]
     assert sk["slices"] > sf["slices"]              # windows of 3 h, not the files' slices
+    # per partition: the slices took every offset the broker holds, each once
+    from jobs.kafka import offsets
+
+    held = offsets(ck)
+    assert len(held) == 6 and set(sk["partitions"]) == set(held)
+    for tp, (low, high) in held.items():
+        got = sk["partitions"][tp]
+        assert got["records"] == high - low > 0 and (got["first_offset"], got["last_offset"]) == (low, high - 1), tp
     _assert_same_content(ck.data_dir, cf.data_dir, FeatureSpec.from_config(ck), exact=False)
 
 
@@ -190,6 +198,8 @@ def test_hostile_kafka_records_get_a_reason_and_the_counts_reconcile(kafka_broke
     q = s["quarantined_by_reason"]
     assert q == {"encoding": 1, "empty": 3, "size": 1, "future": 1, "late": 1, "bad_json": 1}, q
     assert s["processed_by_stream"]["decision"] == 60
+    assert s["partitions"] == {f"{topic}:0": {"records": 68, "quarantined_on_read": 7, "first_offset": 0,
+                                               "last_offset": 67}}, s["partitions"]
     stored = _quarantine(tmp_path)
     assert sorted(r for _, r, _ in stored) == ["bad_json", "empty", "empty", "empty:tombstone", "encoding",
                                                "future", "late", "size:line"]

@@ -27,7 +27,7 @@ import pandas as pd
 
 from udfs.ingest import _quarantined_text, validators
 
-__all__ = ["Batch", "decode_batch", "gather_slice", "TOMBSTONE", "TOMBSTONE_SQL"]
+__all__ = ["Batch", "decode_batch", "gather_slice", "partition_counts", "TOMBSTONE", "TOMBSTONE_SQL"]
 
 #: how the SQL side writes a record without a value (a tombstone): bytes no UTF-8 text holds
 TOMBSTONE = b"\x00\xff\x00"
@@ -92,3 +92,25 @@ def gather_slice(batches: list) -> tuple[dict, dict, list]:
             frames.setdefault(b.stream, []).append(b.frame)
     frames = {s: (pd.concat(f, ignore_index=True) if len(f) > 1 else f[0]) for s, f in frames.items()}
     return frames, lines, quarantined
+
+
+def partition_counts(batches: list) -> dict:
+    """Per ``topic:partition``: the records a slice took from it, those quarantined as they
+    were read, and the offsets they span (every record of the partition is in exactly one
+    slice, so over a run ``records`` adds up to the offsets the job consumed).
+
+    >>> b = [Batch("click", 1000, "t", 0, lines=3, first_offset=0, last_offset=2),
+    ...      Batch("click", 1000, "t", 0, lines=1, first_offset=7, last_offset=7, late=True,
+    ...            quarantined=[("click", "", "late")])]
+    >>> partition_counts(b)
+    {'t:0': {'records': 4, 'quarantined_on_read': 1, 'first_offset': 0, 'last_offset': 7}}
+    """
+    out: dict = {}
+    for b in batches:
+        c = out.setdefault(f"{b.topic}:{b.partition}", {"records": 0, "quarantined_on_read": 0,
+                                                          "first_offset": b.first_offset, "last_offset": b.last_offset})
+        c["records"] += b.lines
+        c["quarantined_on_read"] += len(b.quarantined)
+        c["first_offset"] = min(c["first_offset"], b.first_offset)
+        c["last_offset"] = max(c["last_offset"], b.last_offset)
+    return dict(sorted(out.items()))
