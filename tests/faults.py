@@ -29,7 +29,8 @@ def _wait(cond, timeout, what):
 
 
 def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed: int = 0,
-                   parallelism: int = 2, slots: int = 4, max_delay: float = 4.0, timeout: float = 600) -> dict:
+                   parallelism: int = 2, slots: int = 4, max_delay: float = 4.0, timeout: float = 600,
+                   extra: list | None = None) -> dict:
     """Submit ``job`` and SIGKILL a random TaskManager (on a one-TaskManager cluster: the one that
     runs the job) until ``kills`` kills made the job restart, each a random delay in
     [0.2, ``max_delay``] s after the job is running again, the last one 0–0.3 s after the first
@@ -38,8 +39,8 @@ def run_with_kills(cluster, job: str, input_dir, data_dir, kills: int = 5, seed:
     checkpoints completed by then. Returns the kills' log and the exit."""
     rng = random.Random(seed)
     name = f"streamlift-{job}"
-    proc = cluster.submit(job, str(input_dir), str(data_dir), parallelism=parallelism,
-                          flink_opts=FAULT_OPTS, wait=False)
+    proc = cluster.submit(job, input_dir and str(input_dir), str(data_dir), parallelism=parallelism,
+                          flink_opts=FAULT_OPTS, wait=False, extra=extra)
     log = []
     try:
         st = _wait(lambda: (s := cluster.job_status(name)) and s["state"] == "RUNNING" and s, 120, "job start")

@@ -178,3 +178,41 @@ def test_job_metrics_in_the_rest_api(cluster, small_sim, tmp_path):
     finally:
         cluster.cancel("streamlift-outcomes")
         proc.communicate(timeout=60)
+
+
+def test_kafka_consumer_lag_per_partition_in_the_cluster_metrics(cluster, small_sim, kafka_broker, tmp_path,
+                                                                  monkeypatch):
+    """The features job submitted on Kafka (unbounded): `streamlift cluster metrics` gives each
+    partition's lag from the connector's offset gauges and the broker's end offsets; once the
+    job has taken every record the lag is 0 and its positions are the end offsets."""
+    from conftest import kafka_env, wait_for
+    from jobs.config import load
+    from jobs.sinks import summarize
+    from tools.produce import create_topics, replay
+
+    env = kafka_env(kafka_broker, "t-lag.", tmp_path / "unused", kafka__batch_interval="1h")
+    for k, v in env.items():
+        if k != "STREAMLIFT_PATHS__DATA_DIR":
+            monkeypatch.setenv(k, v)
+    cfg = load()
+    create_topics(cfg)
+    before = cluster.kafka_lag("streamlift-features-none", kafka_broker)
+    sent = replay(cfg, small_sim)["records"]
+    data = tmp_path / "features"
+    proc = cluster.submit("features", None, str(data), parallelism=2, wait=False,
+                          extra=["--bootstrap-servers", kafka_broker, "--until", "never"])
+    try:
+        def caught_up():
+            lag = cluster.kafka_lag("streamlift-features", kafka_broker)
+            return lag if lag["position"] and lag["lag_total"] == 0 else None
+
+        lag = wait_for(caught_up, timeout=300, every=2, what="the job's lag did not reach 0")
+        assert before["lag_total"] == 0 and set(before["lag"]) == set(lag["lag"]) and len(lag["lag"]) == 6
+        assert sum(lag["end_offsets"].values()) == sent
+        assert lag["position"] == {tp: e for tp, e in lag["end_offsets"].items() if e > 0}
+        # every window but the newest has closed (the stream's last hour waits for newer records)
+        wait_for(lambda: summarize(cfg_for(data))["events_in"] > 0.9 * sent, timeout=120, every=2,
+                 what="the job accounted for too few records")
+    finally:
+        cluster.cancel("streamlift-features")
+        proc.communicate(timeout=60)

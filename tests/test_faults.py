@@ -16,7 +16,7 @@ from test_job import cfg_for
 
 pytestmark = pytest.mark.slow
 
-KILL_SEEDS = {"features": 101, "outcomes": 202, "learner": 303}
+KILL_SEEDS = {"features": 101, "outcomes": 202, "learner": 303, "features-kafka": 404}
 #: the most seconds between a job running again and the next kill: the outcomes and learner jobs
 #: process this stream in a few seconds, so their kills come sooner
 MAX_DELAY = {"features": 4.0, "outcomes": 1.5, "learner": 1.5}
@@ -64,7 +64,7 @@ def clean(fault_cluster, stream, tmp_path_factory):
     return root
 
 
-def _killed(fault_cluster, job, inp, root, compare):
+def _killed(fault_cluster, job, inp, root, compare, extra=None, seed_job=None):
     """Runs of ``job`` with kills until KILLS kills made it restart (a short job on a loaded machine
     may finish first: the next run, with the next seed, takes the remaining kills); every run's
     outputs are compared with the uninterrupted run by ``compare(out_dir, result)``."""
@@ -72,8 +72,8 @@ def _killed(fault_cluster, job, inp, root, compare):
     while sum(k["restarted"] for k in kills) < KILLS and runs < 3:
         out = root / f"{job}-{runs}"
         need = KILLS - sum(k["restarted"] for k in kills)
-        res = run_with_kills(fault_cluster, job, inp, out, kills=need, seed=KILL_SEEDS[job] + runs,
-                             max_delay=MAX_DELAY[job])
+        res = run_with_kills(fault_cluster, job, inp, out, kills=need, seed=KILL_SEEDS[seed_job or job] + runs,
+                             max_delay=MAX_DELAY[job], extra=extra)
         assert res["returncode"] == 0 and res["state"] == "FINISHED", res
         compare(out, res)
         kills += [{**k, "run": runs} for k in res["kills"]]
@@ -99,6 +99,44 @@ def test_features_job_killed_five_times_writes_what_an_uninterrupted_run_writes(
             pd.testing.assert_frame_equal(got[kt], want[kt], check_exact=True, obj=kt)
 
     _killed(fault_cluster, "features", stream, tmp_path, compare)
+
+
+def test_features_job_on_kafka_killed_five_times_writes_what_an_uninterrupted_run_writes(
+        fault_cluster, stream, kafka_broker, tmp_path, monkeypatch):
+    """The same with the Kafka source: the stream replayed into topics, the job reading them up to
+    the offsets at its start; offsets resume from the restored checkpoint, so the killed runs
+    must take every record once, like the uninterrupted one (slices: 4 h windows)."""
+    from conftest import kafka_env
+    from jobs.config import load
+    from jobs.sinks import summarize
+    from tools.produce import create_topics, replay
+    from udfs.spec import FeatureSpec
+
+    env = kafka_env(kafka_broker, "t-faults.", tmp_path / "unused", kafka__batch_interval="4h")
+    for k, v in env.items():
+        if k != "STREAMLIFT_PATHS__DATA_DIR":
+            monkeypatch.setenv(k, v)
+    cfg = load()
+    create_topics(cfg)
+    sent = replay(cfg, stream)["records"]
+    extra = ["--bootstrap-servers", kafka_broker, "--until", "latest"]
+    r = fault_cluster.submit("features", None, str(tmp_path / "clean"), extra=extra, parallelism=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = cfg_for(tmp_path / "clean")
+    assert summarize(base)["events_in"] == sent
+    spec = FeatureSpec.from_config(base)
+    keys = all_keys(tmp_path / "clean", spec)
+    want = online_values(base, spec, keys)
+
+    def compare(out, res):
+        assert assert_same_feature_outputs(out, tmp_path / "clean") > 100, res
+        s = summarize(cfg_for(out))
+        assert s["events_in"] == sent and s["reconciles"] and s["partitions"] == summarize(base)["partitions"]
+        got = online_values(cfg_for(out), spec, keys)
+        for kt in keys:
+            pd.testing.assert_frame_equal(got[kt], want[kt], check_exact=True, obj=kt)
+
+    _killed(fault_cluster, "features", None, tmp_path, compare, extra=extra, seed_job="features-kafka")
 
 
 def test_outcomes_job_killed_five_times_commits_the_tables_of_an_uninterrupted_run(fault_cluster, clean, tmp_path,

@@ -38,6 +38,8 @@ from udfs.spec import parse_duration
 __all__ = ["run_kafka_backfill", "run_kafka_steps", "proc_cpu", "descendants"]
 
 TICK = os.sysconf("SC_CLK_TCK")
+#: seconds of trickle after the job's first slice before a step is measured
+WARM_S = 30
 
 
 def descendants(pid: int) -> list[int]:
@@ -238,6 +240,9 @@ def _step(sim_templates, cfg_env: dict, bootstrap: str, redis: str, broker_pid: 
             if proc.poll() is not None:
                 raise RuntimeError(f"the features job exited ({proc.returncode}) during start-up")
             time.sleep(0.5)
+        # and WARM_S more: the JVM's JIT compiles the hot paths in the first tens of seconds (its
+        # compiler threads alone took ~35 s of CPU in the first 3 minutes of a profiled run)
+        time.sleep(WARM_S)
         stop.set()
         wt.join()
         stop = threading.Event()

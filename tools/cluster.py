@@ -182,6 +182,48 @@ def job_metrics(name: str, group: str = "streamlift", agg: str = "sum") -> dict:
     return {op: {k: fold(v) for k, v in ms.items()} for op, ms in out.items()}
 
 
+def source_offsets(name: str) -> dict[str, int]:
+    """``topic:partition`` -> the next offset the Kafka source of the newest job called ``name``
+    reads (the connector's ``currentOffset`` gauge + 1), through the REST API."""
+    st = job_status(name)
+    if st is None:
+        return {}
+    jid, out = st["jid"], {}
+    for v in _get(f"/jobs/{jid}")["vertices"]:
+        ids = [m["id"] for m in _get(f"/jobs/{jid}/vertices/{v['id']}/metrics")
+               if m["id"].endswith(".currentOffset") and ".KafkaSourceReader.topic." in m["id"]]
+        for k in range(0, len(ids), 40):
+            q = urllib.parse.quote(",".join(ids[k:k + 40]), safe=",")
+            for m in _get(f"/jobs/{jid}/vertices/{v['id']}/metrics?get={q}"):
+                # "<subtask>.<task>.KafkaSourceReader.topic.<topic>.partition.<p>.currentOffset"
+                rest = m["id"].split(".KafkaSourceReader.topic.", 1)[1].rsplit(".currentOffset", 1)[0]
+                topic, part = rest.rsplit(".partition.", 1)
+                try:
+                    pos = int(float(m["value"])) + 1
+                except (TypeError, ValueError):
+                    continue
+                if pos > 0:
+                    key = f"{topic}:{part}"
+                    out[key] = max(out.get(key, 0), pos)
+    return dict(sorted(out.items()))
+
+
+def kafka_lag(name: str, bootstrap: str | None = None) -> dict:
+    """Consumer lag per partition of the features job: the broker's end offset minus the next
+    offset the job reads (a partition it has not read from yet: its whole content)."""
+    from jobs.config import load
+    from jobs.kafka import offsets
+
+    cfg = load()
+    held = offsets(cfg, bootstrap)
+    # Flink's metric names replace the dots of a topic's name
+    reported = source_offsets(name)
+    pos = {tp: reported[tp.replace(".", "_")] for tp in held if tp.replace(".", "_") in reported}
+    lag = {tp: high - max(pos.get(tp, low), low) for tp, (low, high) in held.items()}
+    return {"lag": lag, "lag_total": sum(lag.values()), "position": pos,
+            "end_offsets": {tp: high for tp, (_, high) in held.items()}}
+
+
 def cancel(name: str) -> None:
     """Cancel the newest running job called ``name`` (REST ``PATCH /jobs/<id>``)."""
     st = job_status(name)
@@ -198,11 +240,12 @@ def down() -> None:
     subprocess.run(["bash", str(home / "bin" / "stop-cluster.sh")], env=env, check=False)
 
 
-def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = None,
+def submit(job: str, input_dir: str | None, data_dir: str, extra: list[str] | None = None,
            parallelism: int | None = None, flink_opts: list[str] | None = None, wait: bool = True):
     """``flink run [-p parallelism] [flink_opts] -py jobs/<job>.py``; waits for a bounded job to
     finish (a CompletedProcess), or with ``wait=False`` returns the running ``flink run``
-    (a Popen, output to pipes)."""
+    (a Popen, output to pipes). Without ``input_dir`` the features job reads Kafka (``extra``:
+    ``--bootstrap-servers``, ``--until``; the connector jar ships with the job)."""
     home = flink_home()
     env = _env()
     env["STREAMLIFT_ON_CLUSTER"] = "1"
@@ -212,7 +255,8 @@ def submit(job: str, input_dir: str, data_dir: str, extra: list[str] | None = No
            "-py", str(ROOT / "jobs" / f"{job}.py"),
            "-pyfs", python_files(),
            "-pyexec", sys.executable, "-pyclientexec", sys.executable,
-           "--input", str(Path(input_dir).resolve()), "--data-dir", str(Path(data_dir).resolve()),
+           *(["--input", str(Path(input_dir).resolve())] if input_dir else []),
+           "--data-dir", str(Path(data_dir).resolve()),
            *(extra or [])]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,17 +275,31 @@ def main(argv=None) -> None:
     p.add_argument("--taskmanagers", type=int, default=1, help="TaskManagers to start (up)")
     p.add_argument("--slots", type=int, help="task slots per TaskManager (up; default flink-conf/cluster)")
     p.add_argument("-p", "--parallelism", type=int, help="job parallelism (submit; default parallelism.default)")
+    p.add_argument("--bootstrap-servers", help="submit features without --input: read Kafka here "
+                   "(default kafka.bootstrap_servers); metrics: the consumer lag against this broker")
+    p.add_argument("--until", choices=["latest", "never"], help="submit on Kafka: stop at the offsets "
+                   "current at start (latest) or never")
     a = p.parse_args(argv)
     if a.action == "up":
         print(json.dumps(up(taskmanagers=a.taskmanagers, slots=a.slots)))
     elif a.action == "down":
         down()
     elif a.action == "metrics":         # the job's own metrics, as the web UI shows them
-        print(json.dumps(job_metrics(f"streamlift-{a.job}"), indent=2))
+        out = job_metrics(f"streamlift-{a.job}")
+        if a.job == "features":
+            try:
+                out["kafka"] = kafka_lag(f"streamlift-{a.job}", a.bootstrap_servers)
+            except Exception as e:       # a file-source run, or no broker: say so, keep the rest
+                out["kafka"] = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(out, indent=2))
     elif a.action == "status":
         print(json.dumps(rest_ready()))
     else:
-        r = submit(a.job, a.input, a.data_dir, parallelism=a.parallelism)
+        extra = []
+        if not a.input:
+            extra = [*(["--bootstrap-servers", a.bootstrap_servers] if a.bootstrap_servers else []),
+                     "--until", a.until or "never"]
+        r = submit(a.job, a.input, a.data_dir, extra=extra, parallelism=a.parallelism)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr[-5000:])
         sys.exit(r.returncode)
