@@ -97,11 +97,14 @@ def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka:
     shard_of_key = {k: s for s, k in enumerate(keys)}
     to_merge = OutputTag("to-merge", keyed_type())
     to_online = OutputTag("to-online", keyed_type())
+    # the hand-off to the outcomes and learner jobs on Kafka (kafka.handoff), beside the files
+    handoff = kafka is not None and bool(cfg.kafka.get("handoff", False))
+    to_handoff = OutputTag("to-handoff", Types.PRIMITIVE_ARRAY(Types.BYTE()))
 
     def group(stream, name):
         # locally, each step in its own slot sharing group: its own Python worker process, so
         # reading, the engine and the writers use both cores; on a cluster, the platform's slots
-        return stream if on_cluster() else stream.slot_sharing_group(name)
+        return stream if on_cluster() or not cfg.flink.get("split_local", True) else stream.slot_sharing_group(name)
 
     class ReadValidate(FlatMapFunction):
         def open(self, runtime_context):
@@ -226,6 +229,11 @@ def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka:
             self._observe(stats)
             for n in names:
                 self.state.remove(n)
+            if handoff:
+                from udfs.handoff import encode_handoff
+
+                yield to_handoff, encode_handoff(out.seq, out.clock, out.final, out.enriched, out.attributed,
+                                                 out.quarantine)
             yield json.dumps(stats)
 
     class OnlineWriter(MapFunction):
@@ -276,6 +284,10 @@ def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka:
                    .key_by(lambda t: keys[t[0] % p], key_type=Types.INT())
                    .process(Merge(), output_type=Types.STRING())
                    .name("merge-write").uid("merge-write").set_parallelism(p), "sinks")
+    if handoff:
+        from jobs.kafka import attach_handoff_sink
+
+        attach_handoff_sink(env, cfg, group(merged.get_side_output(to_handoff), "sinks"), kafka.get("bootstrap"))
     online = group(accumulated.get_side_output(to_online)
                    .key_by(lambda t: t[0], key_type=Types.INT())
                    .map(OnlineWriter(), output_type=Types.STRING())

@@ -284,8 +284,27 @@ def terminate(stats) -> None:
 
 
 # ----------------------------------------------------------------------------- hand-off consumers
+def handoff_input(env, cfg: Config, input_dir: Path, follow: bool, kafka: dict | None, name: str):
+    """The features job's slices for consumer ``name``: the hand-off lines under
+    ``<input_dir>/handoff``, or with ``kafka`` (``{"bootstrap", "until", "startup"}``) the
+    hand-off topic's committed records (consumer group ``streamlift-<name>``)."""
+    if kafka is None:
+        return line_source(env, Path(input_dir) / "handoff", follow, "handoff")
+    from jobs.kafka import handoff_stream
+
+    return handoff_stream(env, cfg, f"streamlift-{name}", kafka.get("bootstrap"), kafka.get("until"),
+                          kafka.get("startup"))
+
+
+def handoff_value(value):
+    """A hand-off line (files) or the bytes of a hand-off record (a Kafka row of one field)."""
+    if isinstance(value, (str, bytes)):
+        return value
+    return bytes(value[0])
+
+
 def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | None = None,
-                    follow: bool = False, overrides: dict | None = None) -> dict:
+                    follow: bool = False, overrides: dict | None = None, kafka: dict | None = None) -> dict:
     """Run a hand-off consumer wired by ``build(env, cfg, input_dir, follow) -> stats stream`` over
     ``<input_dir>/handoff`` (bounded unless ``follow``) on the local mini-cluster, or on the cluster
     under ``flink run``; checkpoints in ``<data>/checkpoints-<name>``; returns ``summarize(cfg)``
@@ -296,10 +315,10 @@ def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | 
     open_tables(cfg)
     t0 = time.time()
     env = job_env(cfg, checkpoint_dir=cfg.data_dir / f"checkpoints-{name}", overrides=overrides)
-    terminate(build(env, cfg, input_dir, follow))
+    terminate(build(env, cfg, input_dir, follow, kafka=kafka))
     from jobs.progress import Progress, count_lines
 
-    with Progress(name, cfg.data_dir, None if follow else count_lines(input_dir / "handoff")):
+    with Progress(name, cfg.data_dir, None if (follow or kafka) else count_lines(input_dir / "handoff")):
         env.execute(f"streamlift-{name}")
     summary = summarize(cfg)
     summary["wall_seconds"] = round(time.time() - t0, 2)
@@ -316,11 +335,22 @@ def handoff_cli(name: str, run, argv=None) -> None:
     p.add_argument("--data-dir", help="override paths.data_dir")
     p.add_argument("--follow", action="store_true", help="keep taking slices as they are handed off")
     p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
+    p.add_argument("--handoff", choices=["files", "kafka"],
+                   help="read the hand-off files under --input, or the hand-off topic (default: kafka when "
+                        "kafka.handoff is on, else files)")
+    p.add_argument("--bootstrap-servers", help="Kafka: override kafka.bootstrap_servers")
+    p.add_argument("--until", choices=["latest", "never"], default="never",
+                   help="Kafka: read up to the offsets current at start, then end, or never end")
+    p.add_argument("--startup", choices=["earliest-offset", "latest-offset", "group-offsets"],
+                   help="Kafka: where a new job starts reading (a restored one resumes at its checkpoint)")
     args = p.parse_args(argv)
     cfg = load_for_cli(args.data_dir)
     input_dir = Path(args.input) if args.input else cfg.data_dir
     overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
-    res = run(cfg, input_dir, args.follow, overrides=overrides)
+    source = args.handoff or ("kafka" if cfg.kafka.get("handoff") else "files")
+    kafka = None if source == "files" else {"bootstrap": args.bootstrap_servers, "until": args.until,
+                                            "startup": args.startup}
+    res = run(cfg, input_dir, args.follow, overrides=overrides, kafka=kafka)
     print(json.dumps(res, indent=2, default=str))
     if res.get("data_quality", {}).get("success") is False:    # the tables stay; the exit says it
         sys.exit(1)

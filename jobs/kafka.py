@@ -49,7 +49,8 @@ from schemas import CONTRACTS, Contract
 from udfs.spec import parse_duration
 
 __all__ = ["TOPIC_PREFIX", "topic_name", "topics", "connector_jar", "client_config", "check_topics",
-           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing", "librdkafka_config", "offsets"]
+           "source_ddl", "kafka_parts", "sql_interval", "TopicMissing", "librdkafka_config", "offsets",
+           "handoff_topic", "handoff_sink_ddl", "handoff_source_ddl", "attach_handoff_sink", "handoff_stream"]
 
 TOPIC_PREFIX = "streamlift."
 TABLE = "streamlift_kafka_in"
@@ -345,3 +346,108 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
     return group(read.union(read_late).key_by(lambda t: t[0], key_type=Types.INT())
                  .process(Gather(), output_type=tagged).name("kafka-gather").uid("kafka-gather")
                  .set_parallelism(1), "read")
+
+
+# ----------------------------------------------------------------------------- the hand-off topic
+HANDOFF_SINK = "streamlift_handoff_out"
+HANDOFF_SOURCE = "streamlift_handoff_in"
+#: the largest hand-off record (a slice of a backfill can hold tens of thousands of rows): the
+#: topic's max.message.bytes and the producer's max.request.size
+HANDOFF_MAX_BYTES = 64 * 1024 * 1024
+
+
+def handoff_topic(cfg) -> str:
+    """``streamlift.handoff.v1``: the features job's slices for the outcomes and learner jobs,
+    one record per slice (``udfs/handoff.py``), written in Kafka transactions."""
+    from udfs.handoff import HANDOFF_VERSION
+
+    return f"{cfg.kafka.get('topic_prefix', TOPIC_PREFIX)}handoff.v{HANDOFF_VERSION}"
+
+
+def _with(opts: dict) -> str:
+    def q(v):
+        return "'" + str(v).replace("'", "''") + "'"
+
+    return ",\n  ".join(f"{q(k)} = {q(v)}" for k, v in opts.items())
+
+
+def handoff_sink_ddl(cfg, bootstrap: str | None = None) -> str:
+    """The hand-off topic as an exactly-once sink: records are written in a Kafka transaction
+    that commits with the Flink checkpoint holding them (a reader with ``read_committed``
+    sees each once, after that checkpoint); the transaction timeout stays under the broker's
+    ``transaction.max.timeout.ms`` (15 min by default)."""
+    kc = cfg.kafka
+    opts = {"connector": "kafka", "topic": handoff_topic(cfg), "format": "raw",
+            "sink.delivery-guarantee": "exactly-once",
+            "sink.transactional-id-prefix": kc.get("transactional_id_prefix")
+            or f"{kc.get('topic_prefix', TOPIC_PREFIX)}features-handoff",
+            "properties.transaction.timeout.ms": str(parse_duration(kc.get("transaction_timeout", "10m"))),
+            "properties.max.request.size": str(HANDOFF_MAX_BYTES)}
+    for k, v in client_config(cfg, bootstrap).items():
+        opts[f"properties.{k}"] = v
+    return f"CREATE TEMPORARY TABLE `{HANDOFF_SINK}` (`payload` BYTES) WITH (\n  {_with(opts)}\n)"
+
+
+def handoff_source_ddl(cfg, group_id: str, bootstrap: str | None = None, until: str | None = None,
+                       startup: str | None = None) -> str:
+    """The hand-off topic as a reader's source: committed records only (``read_committed``),
+    offsets in the reader's checkpoints, bounded at the offsets current at start with
+    ``until="latest"``."""
+    opts = {"connector": "kafka", "topic": handoff_topic(cfg), "format": "raw",
+            "properties.group.id": group_id,
+            "properties.isolation.level": "read_committed",
+            "properties.max.partition.fetch.bytes": str(HANDOFF_MAX_BYTES),
+            "scan.startup.mode": startup or cfg.kafka.get("startup_mode", "earliest-offset")}
+    if until == "latest":
+        opts["scan.bounded.mode"] = "latest-offset"
+    elif until not in (None, "", "never"):
+        raise ValueError(f"--until must be 'latest' or 'never', not {until!r}")
+    for k, v in client_config(cfg, bootstrap).items():
+        opts[f"properties.{k}"] = v
+    return (f"CREATE TEMPORARY TABLE `{HANDOFF_SOURCE}` (`payload` BYTES, "
+            f"`offset` BIGINT METADATA VIRTUAL) WITH (\n  {_with(opts)}\n)")
+
+
+def _add_connector(env, cfg) -> None:
+    jar = connector_jar(cfg)
+    have = env._j_stream_execution_environment.getConfiguration().toMap().get("pipeline.jars") or ""
+    if jar not in have:
+        env.add_jars(jar)
+
+
+def attach_handoff_sink(env, cfg, stream, bootstrap: str | None = None) -> None:
+    """Write ``stream`` (the hand-off records, bytes) to the hand-off topic within the job of ``env``."""
+    from pyflink.table import StreamTableEnvironment
+
+    check_handoff_topic(cfg, bootstrap)
+    _add_connector(env, cfg)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(handoff_sink_ddl(cfg, bootstrap))
+    ss = t_env.create_statement_set()
+    ss.add_insert(HANDOFF_SINK, t_env.from_data_stream(stream).alias("payload"))
+    ss.attach_as_datastream()
+
+
+def check_handoff_topic(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    conf = client_config(cfg, bootstrap)
+    md = AdminClient({**librdkafka_config(conf), "log_level": 0}).list_topics(timeout=timeout)
+    t = handoff_topic(cfg)
+    if t not in md.topics or md.topics[t].error is not None:
+        raise TopicMissing(f"Kafka topic {t} does not exist on {conf['bootstrap.servers']}: create it with "
+                           "`python -m tools.produce create-topics` (or your platform's tooling, with "
+                           f"max.message.bytes={HANDOFF_MAX_BYTES})")
+
+
+def handoff_stream(env, cfg, group_id: str, bootstrap: str | None = None, until: str | None = None,
+                   startup: str | None = None):
+    """The hand-off records (committed ones only) as a stream of the job of ``env``: rows of one
+    field, the record's bytes."""
+    from pyflink.table import StreamTableEnvironment
+
+    check_handoff_topic(cfg, bootstrap)
+    _add_connector(env, cfg)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(handoff_source_ddl(cfg, group_id, bootstrap, until, startup))
+    return t_env.to_data_stream(t_env.sql_query(f"SELECT `payload` FROM `{HANDOFF_SOURCE}`"))

@@ -121,14 +121,14 @@ def write_scores(cfg: Config, seq: int, scores) -> None:
         atomic_parquet(cfg.data_dir / "scores" / f"slice-{seq:08d}.parquet", scores)
 
 
-def build(env, cfg: Config, input_dir: Path, follow: bool = False):
+def build(env, cfg: Config, input_dir: Path, follow: bool = False, kafka: dict | None = None):
     """Wire the job into ``env``; returns the per-snapshot stats (JSON strings)."""
     import pickle
 
     from pyflink.common import Types
     from pyflink.datastream import FlatMapFunction, MapFunction, OutputTag
 
-    from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
+    from jobs.flink_env import handoff_input, handoff_value, parallelism, shard_keys, stage_function
     from udfs.learner_stage import HandoffRef, LearnerStage
     from udfs.spec import FeatureSpec
 
@@ -144,6 +144,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
         def flat_map(self, line):
             from udfs.ingest import read_handoff
 
+            line = handoff_value(line)
             yield 0, pickle.dumps((line, read_handoff(line)), protocol=5)
 
     def take(stage, blob, timing):
@@ -188,7 +189,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             m.set("model_clock_ms", snap.clock)
             return json.dumps(stats)
 
-    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
+    lines = handoff_input(env, cfg, input_dir, follow, kafka, "learner")
     read = (lines.flat_map(Read(), output_type=Types.TUPLE([Types.INT(), Types.PICKLED_BYTE_ARRAY()]))
             .name("read").uid("read").set_parallelism(p))
     learned = (read.key_by(lambda t: t[0], key_type=Types.INT())
@@ -215,12 +216,13 @@ def summarize(cfg: Config) -> dict:
 
 
 def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
-        overrides: dict | None = None) -> dict:
-    """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
-    ``follow``; returns a summary."""
+        overrides: dict | None = None, kafka: dict | None = None) -> dict:
+    """Run the job (local mini-cluster, or the cluster under ``flink run``) on the hand-off files
+    under ``input_dir`` (bounded unless ``follow``) or with ``kafka`` (``{"bootstrap", "until",
+    "startup"}``) on the hand-off topic; returns a summary."""
     from jobs.flink_env import run_handoff_job
 
-    return run_handoff_job(cfg, "learner", build, summarize, input_dir, follow, overrides)
+    return run_handoff_job(cfg, "learner", build, summarize, input_dir, follow, overrides, kafka=kafka)
 
 
 def main(argv=None) -> None:

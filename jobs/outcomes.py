@@ -105,14 +105,14 @@ def _tables(cfg: Config) -> dict:
     return _TABLES[key]
 
 
-def build(env, cfg: Config, input_dir: Path, follow: bool = False):
+def build(env, cfg: Config, input_dir: Path, follow: bool = False, kafka: dict | None = None):
     """Wire the job into ``env``; returns the per-epoch stats (JSON strings)."""
     import pickle
 
     from pyflink.common import Types
     from pyflink.datastream import FlatMapFunction, MapFunction
 
-    from jobs.flink_env import line_source, parallelism, shard_keys, stage_function
+    from jobs.flink_env import handoff_input, handoff_value, parallelism, shard_keys, stage_function
     from stores.iceberg_store import last_epoch, write_day_files
     from udfs.outcomes import (DECISION_COLUMNS, EpochCommitter, EpochLabeller, EpochPart, OutcomeEngine,
                                OutcomeShard, split_handoff)
@@ -131,7 +131,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
             from udfs.ingest import read_handoff
 
             t0 = time.perf_counter()
-            h = read_handoff(line)
+            h = read_handoff(handoff_value(line))
             decisions = h.decisions
             if decisions is not None:        # the outcome rows carry these; not the 27 features
                 decisions = decisions.select([c for c in DECISION_COLUMNS if c in decisions.column_names])
@@ -227,7 +227,7 @@ def build(env, cfg: Config, input_dir: Path, follow: bool = False):
     def commit_emit(epoch, timing):
         yield None, json.dumps(commit(cfg, _tables(cfg), epoch, timing))
 
-    lines = line_source(env, Path(input_dir) / "handoff", follow, "handoff")
+    lines = handoff_input(env, cfg, input_dir, follow, kafka, "outcomes")
     parts = (lines.flat_map(ReadSplit(), output_type=keyed()).name("read-split").uid("read-split")
              .set_parallelism(p))
     cut = (parts.key_by(lambda t: t[0], key_type=Types.INT())
@@ -276,12 +276,13 @@ def summarize(cfg: Config) -> dict:
 
 
 def run(cfg: Config, input_dir: Path | None = None, follow: bool = False,
-        overrides: dict | None = None) -> dict:
-    """Run the job (local mini-cluster, or the cluster under ``flink run``), bounded unless
-    ``follow``; returns a summary."""
+        overrides: dict | None = None, kafka: dict | None = None) -> dict:
+    """Run the job (local mini-cluster, or the cluster under ``flink run``) on the hand-off files
+    under ``input_dir`` (bounded unless ``follow``) or with ``kafka`` (``{"bootstrap", "until",
+    "startup"}``) on the hand-off topic; returns a summary."""
     from jobs.flink_env import run_handoff_job
 
-    res = run_handoff_job(cfg, "outcomes", build, summarize, input_dir, follow, overrides)
+    res = run_handoff_job(cfg, "outcomes", build, summarize, input_dir, follow, overrides, kafka=kafka)
     if cfg.outcomes.get("data_quality", True) and not follow:
         # the last step: the Great Expectations suites on the committed tables (jobs/dq.py); a
         # broken expectation is reported (summary, stderr, exit 1 from the CLI), the data stays

@@ -106,9 +106,11 @@ def kafka_runs(kafka_broker, clean_sim, tmp_path_factory):
 
     sim, n_late = clean_sim
     runs = {}
-    for name, p in (("kafka_p2", 2), ("kafka_p1", 1), ("kafka_replay", 2)):
+    # the parallelism-1 run is also the replay: the same topics from the earliest offsets into a fresh data dir
+    for name, p in (("kafka_p2", 2), ("kafka_p1", 1)):
         data = tmp_path_factory.mktemp(name)
-        cfg = _cfg(kafka_env(kafka_broker, "t-equal.", data, flink__parallelism=p, kafka__batch_interval=BATCH))
+        cfg = _cfg(kafka_env(kafka_broker, "t-equal.", data, flink__parallelism=p, kafka__batch_interval=BATCH,
+                             kafka__handoff=str(name == "kafka_p2").lower()))
         if name == "kafka_p2":
             sent = _produce(cfg, sim)
         runs[name] = (cfg, _run_kafka(cfg))
@@ -141,15 +143,17 @@ def test_kafka_source_equals_the_file_source_on_the_same_events(kafka_runs):
 
 
 def test_kafka_parallelism_1_and_2_and_a_replay_give_identical_outputs(kafka_runs):
+    """The second run replays the topics from the earliest offsets into a fresh data dir, at
+    parallelism 1: every output file equals the first run's (parallelism 2)."""
     from outputs import assert_same_feature_outputs
     from udfs.spec import FeatureSpec
 
     runs = kafka_runs[0]
-    (c2, s2), (c1, s1), (cr, sr) = runs["kafka_p2"], runs["kafka_p1"], runs["kafka_replay"]
-    for k in ("events_in", "slices", "processed_by_stream", "quarantined_by_reason", "feature_rows_offline"):
-        assert s1[k] == s2[k] == sr[k], k
+    (c2, s2), (c1, s1) = runs["kafka_p2"], runs["kafka_p1"]
+    for k in ("events_in", "slices", "processed_by_stream", "quarantined_by_reason", "feature_rows_offline",
+              "partitions"):
+        assert s1[k] == s2[k], k
     assert assert_same_feature_outputs(c2.data_dir, c1.data_dir) > 40
-    assert assert_same_feature_outputs(c2.data_dir, cr.data_dir) > 40
     spec = FeatureSpec.from_config(c2)
     from outputs import all_keys, online_values
 
@@ -157,6 +161,52 @@ def test_kafka_parallelism_1_and_2_and_a_replay_give_identical_outputs(kafka_run
     o2, o1 = online_values(c2, spec, keys), online_values(c1, spec, keys)
     for kt in keys:
         pd.testing.assert_frame_equal(o2[kt], o1[kt], check_exact=True)
+
+
+def _committed(cfg, topic):
+    """Every committed record of ``topic`` (a read_committed consumer from the earliest offsets)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer({"bootstrap.servers": cfg.kafka["bootstrap_servers"], "group.id": "t-read-committed",
+                  "isolation.level": "read_committed", "enable.auto.commit": False,
+                  "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition(topic, 0, 0)])
+    out = []
+    try:
+        while True:
+            m = c.poll(30)
+            assert m is not None, "no end of the hand-off topic within 30 s"
+            if m.error():
+                assert m.error().code() == KafkaError._PARTITION_EOF, m.error()
+                return out
+            out.append(m.value())
+    finally:
+        c.close()
+
+
+def test_the_handoff_topic_holds_each_slice_once_and_the_outcomes_job_reads_it_as_it_reads_the_files(
+        kafka_runs, kafka_broker, tmp_path):
+    """The features job (on Kafka, kafka.handoff on) writes each slice to the hand-off topic in
+    transactions: a read_committed consumer sees every slice once; the outcomes job reading the
+    topic commits the tables it commits from the same run's hand-off files, row for row."""
+    from jobs.kafka import handoff_topic
+    from jobs.outcomes import run as run_outcomes
+    from test_outcomes_job import table_snapshot
+    from udfs.handoff import decode_handoff
+
+    runs = kafka_runs[0]
+    c2, s2 = runs["kafka_p2"]
+    seqs = [decode_handoff(v).seq for v in _committed(c2, handoff_topic(c2))]
+    assert sorted(seqs) == list(range(s2["slices"])), seqs
+    via_files = _cfg({"STREAMLIFT_PATHS__DATA_DIR": str(tmp_path / "files"), "STREAMLIFT_FLINK__PARALLELISM": "2"})
+    run_outcomes(via_files, c2.data_dir)
+    via_kafka = _cfg(kafka_env(kafka_broker, "t-equal.", tmp_path / "kafka", flink__parallelism=2))
+    run_outcomes(via_kafka, None, kafka={"bootstrap": kafka_broker, "until": "latest"})
+    want, got = table_snapshot(via_files), table_snapshot(via_kafka)
+    assert len(got["outcome"]) == s2["processed_by_stream"]["decision"]
+    for k in want:
+        assert len(want[k]) > 0 or k == "quarantine"
+        pd.testing.assert_frame_equal(got[k], want[k], check_exact=True, obj=k)
 
 
 def test_hostile_kafka_records_get_a_reason_and_the_counts_reconcile(kafka_broker, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 
 from jobs.config import load
-from jobs.kafka import librdkafka_config, client_config, topics
+from jobs.kafka import HANDOFF_MAX_BYTES, client_config, handoff_topic, librdkafka_config, topics
 
 __all__ = ["create_topics", "replay", "producer", "slice_lines"]
 
@@ -40,14 +40,19 @@ def producer(cfg, bootstrap: str | None = None, **extra):
 
 
 def create_topics(cfg, bootstrap: str | None = None, partitions: int | None = None, timeout: float = 30) -> list:
-    """Create every contract's topic (``kafka.partitions`` each) that does not exist yet; returns
-    the topics created."""
+    """Create every contract's topic (``kafka.partitions`` each) and the hand-off topic (one
+    partition) that do not exist yet; returns the topics created."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({**librdkafka_config(client_config(cfg, bootstrap)), "log_level": 0})
     have = admin.list_topics(timeout=timeout).topics
     n = int(partitions or cfg.kafka.get("partitions", 2))
     new = [NewTopic(t, n, 1) for t in topics(cfg) if t not in have]
+    # the features job's hand-off: one partition (its records in commit order), records up to a
+    # backfill slice's size
+    ho = handoff_topic(cfg)
+    if ho not in have:
+        new.append(NewTopic(ho, 1, 1, config={"max.message.bytes": str(HANDOFF_MAX_BYTES)}))
     for t, f in admin.create_topics(new, operation_timeout=timeout).items() if new else []:
         f.result()
     deadline = time.time() + timeout           # wait until the broker lists them with their leaders

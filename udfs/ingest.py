@@ -148,9 +148,15 @@ def handoff_lines(data_dir) -> list[str]:
 
 
 def read_handoff(line: str | bytes) -> HandoffSlice:
-    """Read the files a hand-off line names (``jobs/sinks.write_slice_files`` wrote them)."""
+    """Read the files a hand-off line names (``jobs/sinks.write_slice_files`` wrote them), or
+    decode a hand-off record from the Kafka topic (``udfs/handoff.py``)."""
     import pandas as pd
     import pyarrow.parquet as pq
+
+    from udfs.handoff import MAGIC, decode_handoff
+
+    if isinstance(line, (bytes, bytearray, memoryview)) and bytes(line[:4]) == MAGIC:
+        return decode_handoff(line)
 
     m = orjson.loads(line)
     root, files = Path(m["root"]), m["files"]
