@@ -48,11 +48,14 @@ from pathlib import Path
 from schemas import CONTRACTS, Contract
 from udfs.spec import parse_duration
 
-__all__ = ["TOPIC_PREFIX", "topic_name", "topics", "connector_jar", "client_config", "check_topics",
+__all__ = ["TOPIC_PREFIX", "CONTRACT_HEADER", "topic_name", "topics", "connector_jar", "client_config", "check_topics",
            "source_ddl", "kafka_parts", "sql_interval", "TopicMissing", "librdkafka_config", "offsets",
            "handoff_topic", "handoff_sink_ddl", "handoff_source_ddl", "attach_handoff_sink", "handoff_stream"]
 
 TOPIC_PREFIX = "streamlift."
+#: the record header that names a record's contract and version (``decision.v1``); a record
+#: without it is read as its topic's contract, one naming another is quarantined as ``version:<it>``
+CONTRACT_HEADER = "streamlift-contract"
 TABLE = "streamlift_kafka_in"
 
 
@@ -194,6 +197,7 @@ def source_ddl(cfg, bootstrap: str | None = None, until: str | None = None, star
             "  `partition` INT METADATA VIRTUAL,\n"
             "  `offset` BIGINT METADATA VIRTUAL,\n"
             "  `kafka_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,\n"
+            "  `headers` MAP<STRING, BYTES> METADATA VIRTUAL,\n"
             f"  `future` AS `kafka_ts` > NOW() + {future},\n"
             "  `rowtime` AS CASE WHEN `kafka_ts` > NOW() + " + future + " THEN TO_TIMESTAMP_LTZ(0, 3) ELSE `kafka_ts` END,\n"
             "  `pt` AS PROCTIME(),\n"
@@ -205,11 +209,16 @@ def _queries(cfg) -> tuple[str, str, str]:
     from udfs.kafka_batch import TOMBSTONE_SQL
 
     ooo = sql_interval(cfg.features["out_of_orderness"])
-    marked = (f"SELECT `topic`, `partition`, `offset`, `rowtime`, `payload`, `future`, `hw`, "
-              f"NOT `future` AND `rowtime` > `hw` - {ooo} "
+    # a record whose CONTRACT_HEADER names another contract or version than its topic's
+    header = f"CAST(`headers`['{CONTRACT_HEADER}'] AS STRING)"
+    own = f"SUBSTR(`topic`, {len(cfg.kafka.get('topic_prefix', TOPIC_PREFIX)) + 1})"
+    marked = (f"SELECT `topic`, `partition`, `offset`, `rowtime`, `payload`, `future`, `hw`, `contract`, "
+              f"NOT `future` AND `contract` IS NULL AND `rowtime` > `hw` - {ooo} "
               f"AND (CURRENT_WATERMARK(`rowtime`) IS NULL OR `rowtime` > CURRENT_WATERMARK(`rowtime`)) AS on_time "
               f"FROM (SELECT *, MAX(`rowtime`) OVER (PARTITION BY `topic`, `partition` ORDER BY `pt` "
-              f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS `hw` FROM `{TABLE}`)")
+              f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS `hw`, "
+              f"CASE WHEN {header} IS NULL OR {header} = {own} THEN CAST(NULL AS STRING) ELSE {header} END AS `contract` "
+              f"FROM `{TABLE}`)")
     windows = (f"SELECT `topic`, `partition`, CAST(window_end AS TIMESTAMP(3)) AS window_end, "
                f"MIN(`offset`) AS first_offset, MAX(`offset`) AS last_offset, "
                f"ARRAY_AGG(COALESCE(`payload`, {TOMBSTONE_SQL})) AS `items` "
@@ -217,7 +226,7 @@ def _queries(cfg) -> tuple[str, str, str]:
                f"{sql_interval(cfg.kafka.get('batch_interval', '1s'))})) WHERE on_time "
                f"GROUP BY window_start, window_end, `topic`, `partition`")
     late = (f"SELECT `topic`, `partition`, `offset`, COALESCE(`payload`, {TOMBSTONE_SQL}) AS `item`, `future`, "
-            "CAST(`hw` AS TIMESTAMP(3)) AS `hw` "
+            "CAST(`hw` AS TIMESTAMP(3)) AS `hw`, `contract` "
             "FROM streamlift_kafka_marked WHERE NOT on_time")
     return marked, windows, late
 
@@ -280,11 +289,19 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
                 # window that cannot have fired yet, so the slice it lands in is the same on every run
                 mark = _ms(row[5]) - ooo
                 end = (mark // interval + 1) * interval
-                b = decode_batch(stream, [row[3]], limits, end, topic, row[1], row[2], row[2], late=True)
-                reason = "future" if row[4] else "late"
-                df = withhold_user_ids(b.frame, self.forget) if stream == "decision" else b.frame
-                b.quarantined += [(stream, r, reason) for r in (df.to_dict("records") if len(df) else [])]
-                b.frame = None
+                if row[6] is not None:        # another contract or version: kept whole, with its name
+                    from udfs.ingest import _quarantined_text
+
+                    b = decode_batch(stream, [], limits, end, topic, row[1], row[2], row[2], late=True)
+                    b.lines, b.frame = 1, None
+                    b.quarantined = [(stream, _quarantined_text(bytes(row[3]), limits["quarantine_key"]),
+                                      f"version:{row[6]}")]
+                else:
+                    b = decode_batch(stream, [row[3]], limits, end, topic, row[1], row[2], row[2], late=True)
+                    reason = "future" if row[4] else "late"
+                    df = withhold_user_ids(b.frame, self.forget) if stream == "decision" else b.frame
+                    b.quarantined += [(stream, r, reason) for r in (df.to_dict("records") if len(df) else [])]
+                    b.frame = None
             else:
                 b = decode_batch(stream, row[5], limits, _ms(row[2]), topic, row[1], row[3], row[4])
             self.metrics.inc("records_in", b.lines)
@@ -299,6 +316,7 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
 
             self.pending = ctx.get_map_state(MapStateDescriptor("batches", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.seq = ctx.get_state(ValueStateDescriptor("next_seq", Types.LONG()))
+            self.fired = ctx.get_state(ValueStateDescriptor("fired_end", Types.LONG()))
             self.forget = ForgetList(cfg.data_dir / FORGET_FILE, str(cfg.privacy["quarantine_key"]))
             self.metrics = JobMetrics(ctx, "kafka-gather")
 
@@ -306,6 +324,10 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
             blob = value[1]
             b = pickle.loads(blob)
             kind = "l" if b.late else "b"
+            if not b.late and b.window_end <= (self.fired.value() or 0):
+                # a window reaching the gather after later ones were sliced (a partition that was
+                # idle, see kafka.idle_timeout): it becomes the next slice, its records late there
+                self.metrics.inc("windows_behind")
             self.pending.put(f"{b.window_end:015d}:{kind}:{b.topic}:{b.partition}:{b.first_offset:020d}", blob)
             ctx.timer_service().register_event_time_timer(b.window_end - 1)
             return iter(())
@@ -332,6 +354,7 @@ def kafka_parts(env, cfg, p: int, keys: list, bootstrap: str | None = None, unti
             for k, _ in mine:
                 self.pending.remove(k)
             self.seq.update(seq + 1)
+            self.fired.update(max(end, self.fired.value() or 0))
             self.metrics.inc("slices")
             self.metrics.set("last_window_end_ms", end)
             for i, part in enumerate(parts):

@@ -211,7 +211,8 @@ def test_the_handoff_topic_holds_each_slice_once_and_the_outcomes_job_reads_it_a
 
 def test_hostile_kafka_records_get_a_reason_and_the_counts_reconcile(kafka_broker, tmp_path):
     """Non-UTF-8 bytes, an empty value, a tombstone, an oversized record, a record dated far in
-    the future, one late by its partition's clock, bad JSON; beside valid decisions."""
+    the future, one late by its partition's clock, bad JSON, one whose header names another
+    contract version; beside valid decisions (one with its own version's header)."""
     from confluent_kafka import Producer
 
     from jobs.kafka import topics
@@ -239,20 +240,30 @@ def test_hostile_kafka_records_get_a_reason_and_the_counts_reconcile(kafka_broke
     errors = []
     for value, ts in sends:
         p.produce(topic, value=value, key=b"k", timestamp=ts, on_delivery=lambda e, m: e and errors.append(e))
+    # a record of another contract version on this topic, by its header (tools.produce sets it)
+    from jobs.kafka import CONTRACT_HEADER
+
+    t_end = good[-1]["event_time"]
+    p.produce(topic, value=orjson.dumps({**good[0], "decision_id": "d_v2", "event_time": t_end + 1}), key=b"k",
+              timestamp=t_end + 1, headers=[(CONTRACT_HEADER, b"decision.v2")],
+              on_delivery=lambda e, m: e and errors.append(e))
+    p.produce(topic, value=orjson.dumps({**good[0], "decision_id": "d_v1", "event_time": t_end + 2}), key=b"k",
+              timestamp=t_end + 2, headers=[(CONTRACT_HEADER, b"decision.v1")],
+              on_delivery=lambda e, m: e and errors.append(e))
     p.flush(30)
     del p
     assert not errors
     s = _run_kafka(cfg)
-    assert s["events_in"] == len(sends) == 68
+    assert s["events_in"] == len(sends) + 2 == 70
     assert s["reconciles"] and s["pending"] == 0
     q = s["quarantined_by_reason"]
-    assert q == {"encoding": 1, "empty": 3, "size": 1, "future": 1, "late": 1, "bad_json": 1}, q
-    assert s["processed_by_stream"]["decision"] == 60
-    assert s["partitions"] == {f"{topic}:0": {"records": 68, "quarantined_on_read": 7, "first_offset": 0,
-                                               "last_offset": 67}}, s["partitions"]
+    assert q == {"encoding": 1, "empty": 3, "size": 1, "future": 1, "late": 1, "bad_json": 1, "version": 1}, q
+    assert s["processed_by_stream"]["decision"] == 61
+    assert s["partitions"] == {f"{topic}:0": {"records": 70, "quarantined_on_read": 8, "first_offset": 0,
+                                               "last_offset": 69}}, s["partitions"]
     stored = _quarantine(tmp_path)
     assert sorted(r for _, r, _ in stored) == ["bad_json", "empty", "empty", "empty:tombstone", "encoding",
-                                               "future", "late", "size:line"]
+                                               "future", "late", "size:line", "version:decision.v2"]
     big = [r for _, reason, r in stored if reason == "size:line"][0]
     assert len(big) < 1000 and "sha256" in big          # stored as its head and a digest
 

@@ -122,29 +122,37 @@ class _Templates:
     and event time = send time."""
 
     def __init__(self, sim: Path, limit: int = 400_000):
+        from schemas import CONTRACTS
         from tools.produce import slice_lines
+        from udfs.ingest import VALIDATORS
 
         self.items = []
+        seen = set()
         for stream, line in slice_lines(sim):
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("event_time"), int) and obj.get("decision_id"):
-                self.items.append((stream, obj))
+                # the simulator's duplicates and malformed records go out too (they are traffic),
+                # but only a valid first copy can be a freshness sample: the others never show up
+                key = (stream, obj.get(CONTRACTS[stream].id_field))
+                ok = key not in seen and not VALIDATORS[stream].parse_lines([line])[1]
+                seen.add(key)
+                self.items.append((stream, obj, ok))
             if len(self.items) >= limit:
                 break
 
     def __iter__(self):
         loop = 0
         while True:
-            for stream, obj in self.items:
+            for stream, obj, ok in self.items:
                 rec = dict(obj)
                 if loop:
                     rec["decision_id"] = f"{rec['decision_id']}_{loop}"
                     if "event_id" in rec:
                         rec["event_id"] = f"{rec['event_id']}_{loop}"
-                yield stream, rec
+                yield stream, rec, ok
             loop += 1
 
 
@@ -163,7 +171,7 @@ def _producer_loop(cfg, bootstrap, templates, rate, seconds, on_decision, stop, 
             continue
         now = int(time.time() * 1000)
         for _ in range(min(due, 5000)):
-            stream, rec = next(it)
+            stream, rec, ok = next(it)
             rec["event_time"] = now
             while True:
                 try:
@@ -171,7 +179,7 @@ def _producer_loop(cfg, bootstrap, templates, rate, seconds, on_decision, stop, 
                     break
                 except BufferError:
                     p.poll(0.01)
-            if stream == "decision":
+            if stream == "decision" and ok:
                 on_decision(rec, now)
             n += 1
         sent[0] = n
@@ -280,7 +288,11 @@ def _step(sim_templates, cfg_env: dict, bootstrap: str, redis: str, broker_pid: 
             time.sleep(0.05)
         wall = time.time() - t0
         cpu1 = cpu_by_process(pids)
-        # what was sent is accounted for within 30 s, if the job kept up
+        # what was sent is accounted for within 30 s, if the job kept up; a trickle goes on
+        # meanwhile, so that event time moves and the last windows close (as in production)
+        trickle = threading.Thread(target=_producer_loop, args=(cfg, bootstrap, sim_templates, 20, 30,
+                                                                lambda r, n: None, stop, [0]), daemon=True)
+        trickle.start()
         settle = time.time() + 30
         while time.time() < settle and _processed(stats_dir, seen) - warm < sent[0]:
             time.sleep(0.5)

@@ -9,8 +9,9 @@
 
 Every record goes to ``<prefix><stream>.v<version>`` keyed by its ``decision_id`` (so a decision
 and its clicks and conversions share a partition number), with the record timestamp set to its
-``event_time``; a line that does not parse keeps its stream's latest timestamp sent (it is quarantined by
-the job, not here). The bootstrap servers and client settings come from ``kafka`` in
+``event_time`` and the header ``streamlift-contract: <stream>.v<version>`` (a record whose header
+names another contract or version is quarantined by the job as ``version:<header>``); a line that
+does not parse keeps its stream's latest timestamp sent (it is quarantined by the job, not here). The bootstrap servers and client settings come from ``kafka`` in
 ``streamlift.yaml`` (``STREAMLIFT_KAFKA__BOOTSTRAP_SERVERS``) or ``--bootstrap-servers``.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import orjson
 
 from jobs.config import load
-from jobs.kafka import HANDOFF_MAX_BYTES, client_config, handoff_topic, librdkafka_config, topics
+from jobs.kafka import CONTRACT_HEADER, HANDOFF_MAX_BYTES, client_config, handoff_topic, librdkafka_config, topics
 
 __all__ = ["create_topics", "replay", "producer", "slice_lines"]
 
@@ -115,6 +116,9 @@ def replay(cfg, input_dir: Path, bootstrap: str | None = None, rate: float | Non
     the event times are rewritten to the send time (the stream plays as if it happened now;
     needs ``rate``), for ``seconds`` at most. ``on_send(stream, value, ts_ms)`` is called per record."""
     names = {s: t for t, s in topics(cfg).items()}
+    from schemas import CONTRACTS
+
+    contract = {s: f"{s}.v{CONTRACTS[s].version}".encode() for s in names}
     p = producer(cfg, bootstrap)
     sent, errors = {s: 0 for s in names}, []
 
@@ -150,7 +154,8 @@ def replay(cfg, input_dir: Path, bootstrap: str | None = None, rate: float | Non
                 last_t[stream] = max(last_t[stream], t)
         while True:
             try:
-                p.produce(names[stream], value=line, key=_key(obj), timestamp=ts, on_delivery=delivered)
+                p.produce(names[stream], value=line, key=_key(obj), timestamp=ts, on_delivery=delivered,
+                          headers=[(CONTRACT_HEADER, contract[stream])])
                 break
             except BufferError:
                 p.poll(0.05)
