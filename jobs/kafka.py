@@ -137,10 +137,11 @@ def check_topics(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> di
 def offsets(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> dict[str, tuple[int, int]]:
     """``topic:partition`` -> (low, high) offsets on the broker of every topic the job reads:
     a partition's records so far are ``high - low``; the job's lag is ``high`` minus its position."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     conf = librdkafka_config(client_config(cfg, bootstrap))
     c = Consumer({**conf, "group.id": "streamlift-offsets", "enable.auto.commit": False, "log_level": 0})
+    deadline = time.time() + timeout
     try:
         md = c.list_topics(timeout=timeout)
         out = {}
@@ -148,7 +149,16 @@ def offsets(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> dict[st
             if t not in md.topics:
                 continue
             for part in sorted(md.topics[t].partitions):
-                out[f"{t}:{part}"] = c.get_watermark_offsets(TopicPartition(t, part), timeout=timeout)
+                while True:
+                    try:
+                        out[f"{t}:{part}"] = c.get_watermark_offsets(TopicPartition(t, part), timeout=timeout)
+                        break
+                    except KafkaException as e:
+                        # a topic just created: its leader may not answer yet (NOT_LEADER_FOR_PARTITION,
+                        # LEADER_NOT_AVAILABLE); retried until the timeout
+                        if not e.args[0].retriable() and "leader" not in str(e).lower() or time.time() > deadline:
+                            raise
+                        time.sleep(0.2)
         return out
     finally:
         c.close()
