@@ -97,8 +97,8 @@ def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka:
     shard_of_key = {k: s for s, k in enumerate(keys)}
     to_merge = OutputTag("to-merge", keyed_type())
     to_online = OutputTag("to-online", keyed_type())
-    # the hand-off to the outcomes and learner jobs on Kafka (kafka.handoff), beside the files
-    handoff = kafka is not None and bool(cfg.kafka.get("handoff", False))
+    # on Kafka the slices are handed off on the hand-off topic (kafka.handoff), not as hand-off lines
+    handoff = kafka is not None and bool(cfg.kafka.get("handoff", True))
     to_handoff = OutputTag("to-handoff", Types.PRIMITIVE_ARRAY(Types.BYTE()))
 
     def group(stream, name):
@@ -225,7 +225,7 @@ def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka:
             t0 = time.thread_time()
             out = merge_slice(spec, parts[:p], parts[p:])
             out.counts["timing"]["merge_s"] = round(time.thread_time() - t0, 3)
-            stats = write_slice_files(cfg, out)
+            stats = write_slice_files(cfg, out, handoff_line=not handoff)
             self._observe(stats)
             for n in names:
                 self.state.remove(n)

@@ -325,6 +325,14 @@ def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | 
     return summary
 
 
+def default_handoff(cfg: Config, input_dir: Path) -> str:
+    """``files`` when ``input_dir`` holds hand-off lines (the features job read files, or handed
+    off on files), else ``kafka`` when ``kafka.handoff`` is on."""
+    if (Path(input_dir) / "handoff").is_dir() or not cfg.kafka.get("handoff", True):
+        return "files"
+    return "kafka"
+
+
 def handoff_cli(name: str, run, argv=None) -> None:
     """The command line of a hand-off consumer: ``--input``, ``--data-dir``, ``--follow``,
     ``--from-checkpoint``; prints ``run(cfg, input_dir, follow, overrides)``."""
@@ -336,8 +344,8 @@ def handoff_cli(name: str, run, argv=None) -> None:
     p.add_argument("--follow", action="store_true", help="keep taking slices as they are handed off")
     p.add_argument("--from-checkpoint", help="restore from a retained checkpoint (…/chk-N) or savepoint")
     p.add_argument("--handoff", choices=["files", "kafka"],
-                   help="read the hand-off files under --input, or the hand-off topic (default: kafka when "
-                        "kafka.handoff is on, else files)")
+                   help="read the hand-off lines under --input, or the hand-off topic (default: the lines "
+                        "when --input has a handoff/ folder, else the topic when kafka.handoff is on)")
     p.add_argument("--bootstrap-servers", help="Kafka: override kafka.bootstrap_servers")
     p.add_argument("--until", choices=["latest", "never"], default="never",
                    help="Kafka: read up to the offsets current at start, then end, or never end")
@@ -347,7 +355,7 @@ def handoff_cli(name: str, run, argv=None) -> None:
     cfg = load_for_cli(args.data_dir)
     input_dir = Path(args.input) if args.input else cfg.data_dir
     overrides = {"execution.state-recovery.path": args.from_checkpoint} if args.from_checkpoint else None
-    source = args.handoff or ("kafka" if cfg.kafka.get("handoff") else "files")
+    source = args.handoff or default_handoff(cfg, input_dir)
     kafka = None if source == "files" else {"bootstrap": args.bootstrap_servers, "until": args.until,
                                             "startup": args.startup}
     res = run(cfg, input_dir, args.follow, overrides=overrides, kafka=kafka)

@@ -484,3 +484,39 @@ def handoff_stream(env, cfg, group_id: str, bootstrap: str | None = None, until:
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(handoff_source_ddl(cfg, group_id, bootstrap, until, startup))
     return t_env.to_data_stream(t_env.sql_query(f"SELECT `payload` FROM `{HANDOFF_SOURCE}`"))
+
+
+def committed_handoff(cfg, bootstrap: str | None = None, timeout: float = 30.0) -> list[bytes]:
+    """Every committed record of the hand-off topic, in offset order (a read_committed consumer
+    from the earliest offsets to the end): what the outcomes and learner jobs read, for tools
+    that evaluate a run (``tools.evaluate``) and for tests."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    conf = librdkafka_config(client_config(cfg, bootstrap))
+    topic = handoff_topic(cfg)
+    c = Consumer({**conf, "group.id": "streamlift-handoff-reader", "isolation.level": "read_committed",
+                  "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
+                  "fetch.max.bytes": HANDOFF_MAX_BYTES, "max.partition.fetch.bytes": HANDOFF_MAX_BYTES,
+                  "log_level": 0})
+    try:
+        md = c.list_topics(topic, timeout=timeout)
+        if topic not in md.topics or md.topics[topic].error is not None:
+            raise TopicMissing(f"Kafka topic {topic} does not exist on {conf['bootstrap.servers']}")
+        parts = sorted(md.topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        out, open_parts, deadline = [], set(parts), time.time() + timeout
+        while open_parts:
+            m = c.poll(1.0)
+            if m is None:
+                if time.time() > deadline:
+                    raise TimeoutError(f"no end of {topic} within {timeout} s")
+                continue
+            if m.error():
+                if m.error().code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"reading {topic}: {m.error()}")
+                open_parts.discard(m.partition())
+                continue
+            out.append(m.value())
+        return out
+    finally:
+        c.close()

@@ -3,7 +3,11 @@
 Per slice: ``enriched/`` (decisions with their features), ``attributed/`` (clicks
 and conversions joined to a decision), ``offline/`` (Feast offline store),
 ``quarantine/``, ``stats/``, and last ``handoff/slice-N.json``, one JSON line
-naming the slice's files and its event-time clock: the outcomes job's input.
+naming the slice's files and its event-time clock: the outcomes and learner jobs'
+input when the hand-off is on files. On Kafka (``kafka.handoff``) the slice goes to
+the hand-off topic instead and no hand-off line is written: ``enriched/`` and
+``attributed/`` stay as the features job's own record of what it handed off
+(no other job reads them).
 
 A replayed slice rewrites the same files with the same contents, and Feast
 online writes skip rows older than the stored ones, so replays and restarts
@@ -69,8 +73,9 @@ def write_online_frames(cfg: Config, store, seq: int, online: dict, shard: int =
     return stats
 
 
-def write_slice_files(cfg: Config, o) -> dict:
-    """Enriched decisions, offline features, quarantine and stats of one slice."""
+def write_slice_files(cfg: Config, o, handoff_line: bool = True) -> dict:
+    """Enriched decisions, offline features, quarantine and stats of one slice; and the hand-off
+    line unless ``handoff_line`` is off (the slice is handed off on the Kafka topic instead)."""
     t0 = time.perf_counter()
     data = cfg.data_dir
     name = f"slice-{o.seq:08d}"
@@ -94,6 +99,8 @@ def write_slice_files(cfg: Config, o) -> dict:
              "offline_rows": offline,
              "timing": {**o.counts.get("timing", {}), "sink_s": round(time.perf_counter() - t0, 3)}}
     atomic_write(data / "stats" / f"{name}.json", json.dumps(stats).encode())
+    if not handoff_line:
+        return stats
     # the hand-off to the outcomes job, last: the slice's files are complete once it exists
     handoff = {"seq": o.seq, "root": str(data.resolve()), "files": files, "clock": o.clock, "final": o.final}
     atomic_write(data / "handoff" / f"{name}.json", json.dumps(handoff).encode() + b"\n")

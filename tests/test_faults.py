@@ -105,7 +105,9 @@ def test_features_job_on_kafka_killed_five_times_writes_what_an_uninterrupted_ru
         fault_cluster, stream, kafka_broker, tmp_path, monkeypatch):
     """The same with the Kafka source: the stream replayed into topics, the job reading them up to
     the offsets at its start; offsets resume from the restored checkpoint, so the killed runs
-    must take every record once, like the uninterrupted one (slices: 4 h windows)."""
+    must take every record once, like the uninterrupted one (slices: 4 h windows); and the
+    hand-off topic, written in transactions, holds each slice of each run once for a
+    read_committed reader, byte for byte as the uninterrupted run wrote it."""
     from conftest import kafka_env
     from jobs.config import load
     from jobs.sinks import summarize
@@ -127,14 +129,28 @@ def test_features_job_on_kafka_killed_five_times_writes_what_an_uninterrupted_ru
     spec = FeatureSpec.from_config(base)
     keys = all_keys(tmp_path / "clean", spec)
     want = online_values(base, spec, keys)
+    # the hand-off topic (kafka.handoff, the default on Kafka): each slice once per run, committed
+    from collections import Counter
+
+    from jobs.kafka import committed_handoff
+    from udfs.handoff import decode_handoff
+
+    handed = {decode_handoff(v).seq: bytes(v) for v in committed_handoff(cfg)}
+    assert sorted(handed) == list(range(summarize(base)["slices"]))
+    runs = [1]
 
     def compare(out, res):
-        assert assert_same_feature_outputs(out, tmp_path / "clean") > 100, res
+        assert assert_same_feature_outputs(out, tmp_path / "clean", handoff_lines=False) > 100, res
         s = summarize(cfg_for(out))
         assert s["events_in"] == sent and s["reconciles"] and s["partitions"] == summarize(base)["partitions"]
         got = online_values(cfg_for(out), spec, keys)
         for kt in keys:
             pd.testing.assert_frame_equal(got[kt], want[kt], check_exact=True, obj=kt)
+        # a read_committed reader sees each slice of the killed run once, as the clean run wrote it
+        runs[0] += 1
+        recs = committed_handoff(cfg)
+        assert set(Counter(decode_handoff(v).seq for v in recs).items()) == {(q, runs[0]) for q in handed}, res
+        assert all(bytes(v) == handed[decode_handoff(v).seq] for v in recs)
 
     _killed(fault_cluster, "features", None, tmp_path, compare, extra=extra, seed_job="features-kafka")
 

@@ -110,7 +110,7 @@ def kafka_runs(kafka_broker, clean_sim, tmp_path_factory):
     for name, p in (("kafka_p2", 2), ("kafka_p1", 1)):
         data = tmp_path_factory.mktemp(name)
         cfg = _cfg(kafka_env(kafka_broker, "t-equal.", data, flink__parallelism=p, kafka__batch_interval=BATCH,
-                             kafka__handoff=str(name == "kafka_p2").lower()))
+                             kafka__handoff=str(name == "kafka_p2").lower()))   # p1 on lines
         if name == "kafka_p2":
             sent = _produce(cfg, sim)
         runs[name] = (cfg, _run_kafka(cfg))
@@ -153,7 +153,24 @@ def test_kafka_parallelism_1_and_2_and_a_replay_give_identical_outputs(kafka_run
     for k in ("events_in", "slices", "processed_by_stream", "quarantined_by_reason", "feature_rows_offline",
               "partitions"):
         assert s1[k] == s2[k], k
-    assert assert_same_feature_outputs(c2.data_dir, c1.data_dir) > 40
+    assert assert_same_feature_outputs(c2.data_dir, c1.data_dir, handoff_lines=False) > 40
+    # the parallelism-2 run handed off on the topic (no hand-off lines); the replay on files:
+    # the same slices either way
+    from jobs.kafka import committed_handoff
+    from udfs.ingest import handoff_lines, read_handoff
+
+    assert not (c2.data_dir / "handoff").exists()
+    by_topic = {h.seq: h for h in map(read_handoff, committed_handoff(c2))}
+    by_lines = {h.seq: h for h in map(read_handoff, handoff_lines(c1.data_dir))}
+    assert sorted(by_topic) == sorted(by_lines) == list(range(s2["slices"]))
+    for q, a in by_topic.items():
+        b = by_lines[q]
+        assert (a.clock, a.final, a.quarantined) == (b.clock, b.final, b.quarantined), q
+        assert (a.decisions is None) == (b.decisions is None) and (a.outcomes is None) == (b.outcomes is None), q
+        if a.decisions is not None:
+            assert a.decisions.equals(b.decisions), q
+        if a.outcomes is not None:
+            pd.testing.assert_frame_equal(a.outcomes, b.outcomes, check_exact=True)
     spec = FeatureSpec.from_config(c2)
     from outputs import all_keys, online_values
 
@@ -163,50 +180,40 @@ def test_kafka_parallelism_1_and_2_and_a_replay_give_identical_outputs(kafka_run
         pd.testing.assert_frame_equal(o2[kt], o1[kt], check_exact=True)
 
 
-def _committed(cfg, topic):
-    """Every committed record of ``topic`` (a read_committed consumer from the earliest offsets)."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    c = Consumer({"bootstrap.servers": cfg.kafka["bootstrap_servers"], "group.id": "t-read-committed",
-                  "isolation.level": "read_committed", "enable.auto.commit": False,
-                  "enable.partition.eof": True, "auto.offset.reset": "earliest"})
-    c.assign([TopicPartition(topic, 0, 0)])
-    out = []
-    try:
-        while True:
-            m = c.poll(30)
-            assert m is not None, "no end of the hand-off topic within 30 s"
-            if m.error():
-                assert m.error().code() == KafkaError._PARTITION_EOF, m.error()
-                return out
-            out.append(m.value())
-    finally:
-        c.close()
-
-
-def test_the_handoff_topic_holds_each_slice_once_and_the_outcomes_job_reads_it_as_it_reads_the_files(
+def test_the_handoff_topic_holds_each_slice_once_and_the_chain_on_kafka_equals_the_chain_on_files(
         kafka_runs, kafka_broker, tmp_path):
     """The features job (on Kafka, kafka.handoff on) writes each slice to the hand-off topic in
-    transactions: a read_committed consumer sees every slice once; the outcomes job reading the
-    topic commits the tables it commits from the same run's hand-off files, row for row."""
-    from jobs.kafka import handoff_topic
+    transactions: a read_committed consumer sees every slice once. The outcomes and learner jobs
+    reading the topic commit the tables and publish the model snapshots they do from the same
+    slices handed off as lines (the replay run): row for row, digest for digest."""
+    from jobs.kafka import committed_handoff
+    from jobs.learner import run as run_learner
     from jobs.outcomes import run as run_outcomes
+    from serving.serve import list_versions, load_model
     from test_outcomes_job import table_snapshot
     from udfs.handoff import decode_handoff
 
     runs = kafka_runs[0]
     c2, s2 = runs["kafka_p2"]
-    seqs = [decode_handoff(v).seq for v in _committed(c2, handoff_topic(c2))]
+    c1, _ = runs["kafka_p1"]                        # the same slices, handed off as lines
+    seqs = [decode_handoff(v).seq for v in committed_handoff(c2)]
     assert sorted(seqs) == list(range(s2["slices"])), seqs
     via_files = _cfg({"STREAMLIFT_PATHS__DATA_DIR": str(tmp_path / "files"), "STREAMLIFT_FLINK__PARALLELISM": "2"})
-    run_outcomes(via_files, c2.data_dir)
     via_kafka = _cfg(kafka_env(kafka_broker, "t-equal.", tmp_path / "kafka", flink__parallelism=2))
-    run_outcomes(via_kafka, None, kafka={"bootstrap": kafka_broker, "until": "latest"})
+    for job in (run_outcomes, run_learner):
+        job(via_files, c1.data_dir)
+        job(via_kafka, None, kafka={"bootstrap": kafka_broker, "until": "latest"})
     want, got = table_snapshot(via_files), table_snapshot(via_kafka)
     assert len(got["outcome"]) == s2["processed_by_stream"]["decision"]
     for k in want:
         assert len(want[k]) > 0 or k == "quarantine"
         pd.testing.assert_frame_equal(got[k], want[k], check_exact=True, obj=k)
+    mf, mk = (list_versions(c.model_store, c.learner["model_id"]) for c in (via_files, via_kafka))
+    assert len(mf) >= 3 and [m["version"] for m in mf] == [m["version"] for m in mk]
+    for m in mf:
+        a = load_model(via_files.model_store, via_files.learner["model_id"], m["version"])
+        b = load_model(via_kafka.model_store, via_kafka.learner["model_id"], m["version"])
+        assert a.bundle.digest() == b.bundle.digest(), m["version"]
 
 
 def test_hostile_kafka_records_get_a_reason_and_the_counts_reconcile(kafka_broker, tmp_path):

@@ -1,7 +1,10 @@
-"""make demo: simulate traffic, run the features job then the outcomes job on the local mini-cluster,
-read features back from Feast and the outcomes from Iceberg.
+"""make demo: simulate traffic, produce it to Kafka, run the features, outcomes and learner jobs on
+the local mini-cluster against the broker (the jobs hand off through the hand-off topic), read
+features back from Feast, the outcomes from Iceberg and the models from the model store.
 
-    python -m tools.demo --events 200000 --data-dir data/demo
+    python -m tools.demo --events 200000 --data-dir data/demo                 # a local broker, started and stopped
+    python -m tools.demo --bootstrap-servers host:9092                        # an existing broker
+    python -m tools.demo --source files                                       # the file source and hand-off lines
 """
 
 from __future__ import annotations
@@ -27,16 +30,51 @@ def main(argv=None) -> None:
     p.add_argument("--days", type=float, default=10.0, help="simulated days (the conversion window is 7)")
     p.add_argument("--campaigns", type=int, default=6)
     p.add_argument("--slice-lines", type=int, default=5_000,
-                   help="lines per hand-off slice (~5 h of traffic): the learner scores and trains per slice")
+                   help="files: lines per slice (~5 h of traffic): the learner scores and trains per slice")
+    p.add_argument("--source", choices=["kafka", "files"], default="kafka",
+                   help="kafka: produce the traffic to the contracts' topics, the jobs read them and hand off "
+                        "through the hand-off topic; files: the slice files and hand-off lines")
+    p.add_argument("--bootstrap-servers",
+                   help="Kafka: an existing broker (topics under a fresh prefix); default: a local broker in "
+                        "<data-dir>/kafka, started for the demo and stopped after it")
+    p.add_argument("--batch-interval", default="5h",
+                   help="Kafka: event time per slice (a replay of 10 days: ~5 h, as the files' slices)")
     args = p.parse_args(argv)
 
     root = Path(args.data_dir).resolve()
     if root.exists():
-        shutil.rmtree(root)           # a demo starts clean: stores, outputs, checkpoints
+        shutil.rmtree(root)           # a demo starts clean: stores, outputs, checkpoints, the local broker
     sim_dir = root / "sim"
     os.environ["STREAMLIFT_PATHS__DATA_DIR"] = str(root / "run")
-    cfg = load_config()
+    broker = None
+    if args.source == "kafka":
+        from tools.broker import start
 
+        if args.bootstrap_servers:
+            bootstrap = args.bootstrap_servers
+            os.environ["STREAMLIFT_KAFKA__TOPIC_PREFIX"] = f"streamlift-demo-{int(time.time())}."
+        else:
+            t0 = time.time()
+            broker = start(root / "kafka")
+            bootstrap = broker.bootstrap
+            print(f"Kafka broker up: bootstrap.servers={bootstrap} (KRaft, {time.time() - t0:.1f}s; "
+                  f"log {broker.folder / 'broker.log'})")
+        os.environ["STREAMLIFT_KAFKA__BOOTSTRAP_SERVERS"] = bootstrap
+        os.environ["STREAMLIFT_KAFKA__BATCH_INTERVAL"] = args.batch_interval
+        os.environ["STREAMLIFT_KAFKA__HANDOFF"] = "true"
+    t_start = time.time()
+    try:
+        _demo(args, root, sim_dir, load_config())
+        print(f"\ndemo wall time {time.time() - t_start:.0f} s")
+    finally:
+        if broker is not None:
+            from tools.broker import stop
+
+            stop(broker)
+            print("Kafka broker stopped")
+
+
+def _demo(args, root: Path, sim_dir: Path, cfg) -> None:
     from tools.simulate import simulate
     from jobs.features import run
 
@@ -45,9 +83,23 @@ def main(argv=None) -> None:
                      slice_lines=args.slice_lines)
     print(f"simulated {truth['lines_total']:,} lines in {truth['slices']} slices "
           f"({time.time() - t0:.1f}s) -> {sim_dir}")
-    summary = run(cfg, sim_dir)
+    kafka = None
+    if args.source == "kafka":
+        from jobs.kafka import handoff_topic, topics
+        from tools.produce import create_topics, replay
 
-    print("\n== features job (local mini-cluster, checkpointing on) ==")
+        kafka = {"bootstrap": cfg.kafka["bootstrap_servers"], "until": "latest"}
+        create_topics(cfg)
+        sent = replay(cfg, sim_dir)
+        print(f"produced {sent['records']:,} records to {', '.join(sorted(topics(cfg)))} "
+              f"({sent['records_per_second']:,.0f} records/s); hand-off topic {handoff_topic(cfg)}")
+        summary = run(cfg, None, kafka=kafka)
+    else:
+        summary = run(cfg, sim_dir)
+
+    src = (f"Kafka, {cfg.kafka['batch_interval']} event-time windows, hand-off on the topic" if kafka
+           else "slice files, hand-off lines")
+    print(f"\n== features job (local mini-cluster, checkpointing on; {src}) ==")
     print(f"events in        {summary['events_in']:>10,}   {summary['events_in_by_stream']}")
     print(f"processed        {summary['processed']:>10,}   {summary['processed_by_stream']}")
     print(f"quarantined      {summary['quarantined']:>10,}   {summary['quarantined_by_reason']}")
@@ -87,8 +139,8 @@ def main(argv=None) -> None:
     v = last.at[u, "impressions_1d"]
     print(f"\n{u}: impressions_1d = {v:.3f} as of its last event; decayed to the end of the stream "
           f"({(now - as_of) / 3.6e6:.1f} h later): {decay_to(v, as_of, now, parse_duration('1d')):.3f}")
-    outcomes_report(cfg, sim_dir)
-    summary["learner"] = learner_report(cfg, sim_dir)
+    outcomes_report(cfg, sim_dir, kafka)
+    summary["learner"] = learner_report(cfg, sim_dir, kafka)
     from tools.report import build_report
 
     page = build_report(cfg)
@@ -97,14 +149,15 @@ def main(argv=None) -> None:
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
-def outcomes_report(cfg, sim_dir) -> dict:
-    """Run the outcomes job on the features job's hand-off and compare with the ground truth."""
+def outcomes_report(cfg, sim_dir, kafka: dict | None = None) -> dict:
+    """Run the outcomes job on the features job's hand-off (the lines, or the topic with ``kafka``)
+    and compare with the ground truth."""
     import pandas as pd
 
     from tools.analyst import accuracy, compare
     from jobs.outcomes import run as run_outcomes
 
-    s = run_outcomes(cfg)
+    s = run_outcomes(cfg, kafka=kafka)
     tot = s["totals"]
     n_in = sum(tot["in"].values())
     print("\n== outcomes job (local mini-cluster) -> Iceberg ==")
@@ -142,7 +195,7 @@ def outcomes_report(cfg, sim_dir) -> dict:
     return {"summary": s, "open_cohorts": oc, "delay": acc["delay"].reset_index().to_dict("records")}
 
 
-def learner_report(cfg, sim_dir) -> dict:
+def learner_report(cfg, sim_dir, kafka: dict | None = None) -> dict:
     """Run the learner job on the hand-off, score its first-sight predictions against the truth,
     then serve: newest snapshot + features from Feast -> calibrated CTR, conversion, uplift."""
     import pandas as pd
@@ -151,7 +204,7 @@ def learner_report(cfg, sim_dir) -> dict:
     from jobs.learner import run as run_learner
     from serving.serve import score_requests
 
-    s = run_learner(cfg)
+    s = run_learner(cfg, kafka=kafka)
     print("\n== learner job (local mini-cluster) -> model store + Iceberg learner_metrics_v1 ==")
     print(f"snapshots        {s['snapshots']:>10,}   (every {cfg.learner['snapshot_every']} of event time or "
           f"{cfg.learner['snapshot_examples']:,} decisions; {s['unsafe_snapshots']} flagged by the drift check)")

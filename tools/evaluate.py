@@ -17,9 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from udfs.features import parse_duration
+from udfs.ingest import handoff_lines
 from udfs.metrics import auc, ece, log_loss, qini_coefficient
 
-__all__ = ["truth_labels", "job_scores", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality",
+__all__ = ["truth_labels", "job_scores", "handoff_records", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality",
            "truth_handoff", "uplift_quality", "uplift_run"]
 
 
@@ -34,6 +35,18 @@ def truth_labels(cfg, sim_dir) -> pd.DataFrame:
 def job_scores(cfg) -> pd.DataFrame:
     files = sorted((cfg.data_dir / "scores").glob("slice-*.parquet"))
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def handoff_records(cfg, input_dir=None) -> list:
+    """The features job's hand-off of a run: the hand-off lines under ``<input_dir>/handoff``
+    (default: the data dir) when it handed off on files, else the hand-off topic's committed
+    records (``jobs.kafka.committed_handoff``)."""
+    d = Path(input_dir or cfg.data_dir)
+    if (d / "handoff").is_dir():
+        return handoff_lines(d)
+    from jobs.kafka import committed_handoff
+
+    return committed_handoff(cfg)
 
 
 def learn_all(learner, slices) -> pd.DataFrame:
@@ -51,7 +64,7 @@ def oracle_scores(cfg, truth: pd.DataFrame) -> pd.DataFrame:
     """The oracle learner over the features job's hand-off, labels from the truth."""
     import dataclasses
 
-    from udfs.ingest import handoff_lines, read_handoff
+    from udfs.ingest import read_handoff
     from udfs.learners import OnlineLearner
 
     lab = truth.set_index("decision_id")[["true_click", "true_conversion"]]
@@ -62,7 +75,7 @@ def oracle_scores(cfg, truth: pd.DataFrame) -> pd.DataFrame:
         return dataclasses.replace(s, decisions=s.decisions.to_pandas().join(lab, on="decision_id"))
 
     lrn = OnlineLearner(**{**cfg.learner_params(), "labels": "oracle"})
-    return learn_all(lrn, (labelled(read_handoff(line)) for line in handoff_lines(cfg.data_dir)))
+    return learn_all(lrn, (labelled(read_handoff(line)) for line in handoff_records(cfg)))
 
 
 def vw_scores(cfg, input_dir=None) -> tuple[pd.DataFrame, dict]:
@@ -72,12 +85,12 @@ def vw_scores(cfg, input_dir=None) -> tuple[pd.DataFrame, dict]:
     import time
 
     from udfs.baselines import VowpalCTR
-    from udfs.ingest import handoff_lines, read_handoff
+    from udfs.ingest import read_handoff
 
     p = cfg.learner_params()
     vw = VowpalCTR(p["half_lives"], p["click_window"], p["label_wait"])
     out, seconds = [], 0.0
-    for line in handoff_lines(input_dir or cfg.data_dir):
+    for line in handoff_records(cfg, input_dir):
         s = read_handoff(line)
         t0 = time.perf_counter()
         sc = vw.offer(s.decisions, s.outcomes, s.clock)

@@ -15,7 +15,8 @@ it will still convert is ``p·S(e) / (1 - p + p·S(e))``; with an attribution wi
 (:func:`cure_interim_label`; :func:`interim_label` is the exponential's closed form).
 
 Fitting maximises the (penalised) observed-data log-likelihood on censored data by
-Newton's method in ``(logit p, log λ[, log k])`` until the step is below ``tol``
+Newton's method in ``(logit p, log λ[, log k])``, with the analytic Hessian from the
+same pass over the rows as the gradient, until the step is below ``tol``
 (a tolerance, not a fixed number of steps; ``converged_``/``n_iter_`` say how it
 went). ``strata`` (integer codes, e.g. the arm) give each stratum its own ``p`` with
 one shared latency distribution. A prior ``prior=(logit p0, log λ0)`` with
@@ -105,8 +106,13 @@ class DelayModel(ABC):
 
     # ------------------------------------------------------------ the family
     @abstractmethod
-    def _latency(self, lam, shape, t, log_t):
-        """(log f(t) terms, d/dlogλ, d/dshape...) for events, and (S(t), dS/dlogλ, dS/dshape...)."""
+    def _events(self, lam, shape, t, log_t, order: int):
+        """``log f(t)`` of the converted rows, then (``order`` >= 1) its gradient in
+        ``(log λ, shape...)``, ``(n, m)``, then (``order`` 2) its Hessian, ``(n, m, m)``."""
+
+    @abstractmethod
+    def _survival(self, lam, shape, t, log_t, order: int):
+        """``S(t)`` of the censored rows, then its gradient and Hessian as in :meth:`_events`."""
 
     @abstractmethod
     def survival(self, t):
@@ -162,8 +168,7 @@ class DelayModel(ABC):
         scale = max(1.0, float(self._data[1].sum() + self._data[4].sum()))
         converged, it = False, 0
         for it in range(1, self.max_iter + 1):
-            ll, g = self._objective(theta)
-            H = self._hessian(theta)
+            ll, g, H = self._objective(theta, hess=True)
             try:
                 step = -np.linalg.solve(H, g)
                 if not np.all(np.isfinite(step)) or step @ g <= 0:
@@ -218,46 +223,65 @@ class DelayModel(ABC):
         del self._data
         return self
 
-    def _objective(self, theta, grad=True, penalty=True):
+    def _objective(self, theta, grad=True, penalty=True, hess=False):
+        """``(ll, gradient)`` of the (penalised) log-likelihood at ``theta``, and with ``hess`` its
+        Hessian, analytic, from the same pass over the rows."""
         S = self.n_strata_
         a, b, shape = theta[:S], theta[S], theta[S + 1:]
         p = _sigmoid(a)
         lam = np.exp(b)
         d, wd, sd, e, we, se = self._data
+        n = len(theta)
         ll = 0.0
-        g = np.zeros(len(theta))
+        g = np.zeros(n)
+        H = np.zeros((n, n)) if hess else None
+        grad = grad or hess
+        order = 2 if hess else int(grad)
         if len(d):
-            logf, dlogf = self._latency_events(lam, shape, d)
-            ll += float((wd * (np.log(p[sd]) + logf)).sum())
+            ev = self._events(lam, shape, d, self._log_data[0], order)
+            ll += float((wd * (np.log(p[sd]) + ev[0])).sum())
             if grad:
                 g[:S] += np.bincount(sd, weights=wd * (1 - p[sd]), minlength=S)
-                g[S:] += (wd[:, None] * dlogf).sum(axis=0)
+                g[S:] += wd @ ev[1]
+            if hess:
+                H[np.arange(S), np.arange(S)] -= np.bincount(sd, weights=wd, minlength=S) * p * (1 - p)
+                H[S:, S:] += np.einsum("i,ijk->jk", wd, ev[2])
         if len(e):
-            s, ds = self._latency_survival(lam, shape, e)
+            sv = self._survival(lam, shape, e, self._log_data[1], order)
+            s = sv[0]
             pe = p[se]
-            D = 1 - pe + pe * s
-            ll += float((we * np.log(np.maximum(D, _TINY))).sum())
+            D = np.maximum(1 - pe + pe * s, _TINY)
+            ll += float((we * np.log(D)).sum())
             if grad:
-                r = we / np.maximum(D, _TINY)
-                g[:S] += np.bincount(se, weights=r * (s - 1) * pe * (1 - pe), minlength=S)
-                g[S:] += ((r * pe)[:, None] * ds).sum(axis=0)
+                ds = sv[1]
+                r = we / D
+                q = pe * (1 - pe)
+                Da = (s - 1) * q                                     # dD/da
+                g[:S] += np.bincount(se, weights=r * Da, minlength=S)
+                g[S:] += (r * pe) @ ds
+            if hess:
+                # d2 log D = D''/D - D' D'^T / D^2, with D = 1 - p + p S(t)
+                r2 = r / D
+                H[np.arange(S), np.arange(S)] += np.bincount(
+                    se, weights=r * Da * (1 - 2 * pe) - r2 * Da * Da, minlength=S)
+                cross = (r * q - r2 * Da * pe)[:, None] * ds        # d2/(da dφ)
+                for j in range(ds.shape[1]):
+                    col = np.bincount(se, weights=cross[:, j], minlength=S)
+                    H[:S, S + j] += col
+                    H[S + j, :S] += col
+                H[S:, S:] += np.einsum("i,ijk->jk", r * pe, sv[2]) - np.einsum("i,ij,ik->jk", r2 * pe * pe, ds, ds)
         if penalty and self.prior is not None:
             (pa, pb), (a0, b0) = self._prec, self._center
             ll -= 0.5 * pa * float(((a - a0) ** 2).sum()) + 0.5 * pb * (b - b0) ** 2
             g[:S] -= pa * (a - a0)
             g[S] -= pb * (b - b0)
-        return ll, g
+            if hess:
+                H[np.arange(S), np.arange(S)] -= pa
+                H[S, S] -= pb
+        return (ll, g, H) if hess else (ll, g)
 
     def _hessian(self, theta):
-        n = len(theta)
-        H = np.zeros((n, n))
-        for i in range(n):
-            h = 1e-5 * max(1.0, abs(theta[i]))
-            up, dn = theta.copy(), theta.copy()
-            up[i] += h
-            dn[i] -= h
-            H[:, i] = (self._objective(up)[1] - self._objective(dn)[1]) / (2 * h)
-        return 0.5 * (H + H.T)
+        return self._objective(theta, hess=True)[2]
 
     # ------------------------------------------------------------ use
     def interim_label(self, elapsed, window=None, stratum=0):
@@ -297,13 +321,20 @@ class DelayModel(ABC):
                 "n_converted": self.n_converted_, "loglik": self.loglik_, "converged": self.converged_,
                 "n_iter": self.n_iter_}
 
-    # the family's latency terms in the form _objective needs
-    def _latency_events(self, lam, shape, d):
-        return self._latency(lam, shape, d, np.log(d))[0]
+    @property
+    def _data(self):
+        return self.__data
 
-    def _latency_survival(self, lam, shape, e):
+    @_data.setter
+    def _data(self, data):
+        # the rows, and the logs of their times, taken once per fit (every evaluation needs them)
+        self.__data = data
         with np.errstate(divide="ignore"):
-            return self._latency(lam, shape, e, np.log(e))[1]
+            self._log_data = (np.log(data[0]), np.log(data[3]))
+
+    @_data.deleter
+    def _data(self):
+        del self.__data, self._log_data
 
 
 class ExponentialCureModel(DelayModel):
@@ -312,11 +343,24 @@ class ExponentialCureModel(DelayModel):
     family = "exponential"
     n_shape = 0
 
-    def _latency(self, lam, shape, t, log_t):
+    def _events(self, lam, shape, t, log_t, order):
         z = lam * t
-        events = (np.log(lam) - z, (1 - z)[:, None])
+        out = (np.log(lam) - z,)
+        if order >= 1:
+            out += ((1 - z)[:, None],)
+        if order >= 2:
+            out += ((-z)[:, None, None],)
+        return out
+
+    def _survival(self, lam, shape, t, log_t, order):
+        z = lam * t
         s = np.exp(-z)
-        return events, (s, (-s * z)[:, None])
+        out = (s,)
+        if order >= 1:
+            out += ((-s * z)[:, None],)
+        if order >= 2:
+            out += ((-s * z * (1 - z))[:, None, None],)
+        return out
 
     def survival(self, t):
         return np.exp(-self.lam_ * np.asarray(t, dtype=float))
@@ -335,17 +379,49 @@ class WeibullCureModel(DelayModel):
     family = "weibull"
     n_shape = 1
 
-    def _latency(self, lam, shape, t, log_t):
+    # in (log λ, log k), with z = (λt)^k: dz/dlog λ = k z, dz/dlog k = k z log(λt)
+    def _events(self, lam, shape, t, log_t, order):
+        k = float(np.exp(shape[0]))
+        lt = np.log(lam) + log_t                         # log(λt); t > 0 for a conversion
+        with np.errstate(over="ignore"):
+            z = np.exp(k * lt)
+        out = (np.log(k) + np.log(lam) + (k - 1) * lt - z,)
+        if order >= 1:
+            zl = z * lt
+            out += (np.stack([k * (1 - z), 1 + k * lt - k * zl], axis=1),)
+        if order >= 2:
+            h = np.empty((len(t), 2, 2))
+            h[:, 0, 0] = -k * k * z
+            h[:, 0, 1] = h[:, 1, 0] = k * (1 - z) - k * k * zl
+            h[:, 1, 1] = k * lt - k * zl - k * k * zl * lt
+            out += (h,)
+        return out
+
+    def _survival(self, lam, shape, t, log_t, order):
         k = float(np.exp(shape[0]))
         lt = np.log(lam) + log_t                         # log(λt), -inf at t = 0
         with np.errstate(over="ignore", invalid="ignore"):
             z = np.exp(k * lt)                           # (λt)^k
-            zl = np.where(t > 0, z * lt, 0.0)            # (λt)^k · log(λt) -> 0 at t = 0
-        logf = np.log(k) + np.log(lam) + (k - 1) * lt - z
-        events = (logf, np.stack([k * (1 - z), 1 + k * lt - k * zl], axis=1))
         s = np.exp(-z)
+        out = (s,)
+        if order == 0:
+            return out
         gone = s <= 0                                    # (λt)^k overflowed: S = 0 and so are its derivatives
-        return events, (s, np.stack([np.where(gone, 0.0, -s * k * z), np.where(gone, 0.0, -s * k * zl)], axis=1))
+        live = (t > 0) & ~gone
+        with np.errstate(over="ignore", invalid="ignore"):
+            zl = np.where(live, z * lt, 0.0)             # (λt)^k · log(λt) -> 0 at t = 0
+            zg = np.where(gone, 0.0, z)
+        sk = s * k
+        out += (np.stack([-sk * zg, -sk * zl], axis=1),)
+        if order >= 2:
+            with np.errstate(over="ignore", invalid="ignore"):
+                zl2 = np.where(live, zl * lt, 0.0)       # (λt)^k · log(λt)^2
+            h = np.empty((len(t), 2, 2))
+            h[:, 0, 0] = -sk * k * zg * (1 - zg)
+            h[:, 0, 1] = h[:, 1, 0] = -sk * (zg + k * zl - k * zg * zl)
+            h[:, 1, 1] = -sk * (zl + k * zl2 - k * zl * zl)
+            out += (h,)
+        return out
 
     def _start(self, init, n_s, nc_s):
         theta = super()._start(init, n_s, nc_s)
