@@ -93,12 +93,25 @@ def _fill(v, params: dict):
     return v
 
 
+DRIFT_Z = 4.0     # a mean compared with the previous run's may also move by this many standard errors
+
+
+def _rows_under(frame, kw: dict) -> int:
+    """The rows of ``frame`` an expectation sees (its pandas ``row_condition``, if any)."""
+    cond = kw.get("row_condition")
+    if not cond:
+        return len(frame)
+    return int(len(frame.query(cond, engine="python")))
+
+
 def suite_expectations(suite: dict, columns, params: dict, previous: dict | None = None,
-                       features=()) -> list[tuple[str, dict]]:
+                       features=(), frame=None) -> list[tuple[str, dict]]:
     """The (expectation type, kwargs) list of ``suite`` for a frame with ``columns``: the contracts'
     expectations, ``per_feature`` ones for each of ``features``, then the suite's own
-    (``{name}`` values filled from ``params``; a ``relative_to_previous`` mean bounded by the
-    ``previous`` run's observed means, {(type, column): value}, and skipped without one)."""
+    (``{name}`` values filled from ``params``; a ``relative_to_previous: r`` mean bounded by the
+    ``previous`` run's observed mean m, {(type, column): value}: within ``max(r·m, DRIFT_Z·√(m/n))``
+    of it for the ``n`` rows of ``frame`` it sees (a rate's sampling error: few rows may move
+    further by chance), observed only without a previous value, left out when no row is seen)."""
     out = _contract_expectations(suite, set(columns))
     for col in features:
         for e in suite.get("per_feature", ()):
@@ -109,11 +122,17 @@ def suite_expectations(suite: dict, columns, params: dict, previous: dict | None
             continue
         r = e.get("relative_to_previous")
         if r is not None:
+            n = None if frame is None else _rows_under(frame, kw)
+            if n == 0:                                # nothing to compare like with like
+                continue
             prev = (previous or {}).get((e["type"], kw.get("column")))
             if prev is None:                          # the first run: observe only
                 kw.update(min_value=None, max_value=float("inf"))
             else:
-                kw.update(min_value=prev * (1 - r), max_value=prev * (1 + r))
+                half = r * abs(prev)
+                if n:
+                    half = max(half, DRIFT_Z * (max(prev, 0.0) / n) ** 0.5)
+                kw.update(min_value=prev - half, max_value=prev + half)
         out.append((e["type"], kw))
     return out
 
@@ -178,7 +197,7 @@ def validate_epoch(cfg: Config, epoch: int) -> dict:
 
 
 def _previous(cfg: Config) -> dict:
-    """The observed means of the newest earlier run, {(suite, type, column): value}."""
+    """The newest observed value of each expectation, {(suite, type, column): value}."""
     from stores.iceberg_store import read_table
 
     try:
@@ -188,7 +207,8 @@ def _previous(cfg: Config) -> dict:
     r = r[r.observed_value.notna()]
     if r.empty:
         return {}
-    last = r[r.run_time == r.run_time.max()]
+    # per expectation, its newest observed value (a run that did not see it leaves the one before)
+    last = r.sort_values("run_time").groupby(["suite", "expectation", "column"], sort=False).tail(1)
     return {(s, e, c): float(v) for s, e, c, v in zip(last.suite, last.expectation, last.column, last.observed_value)}
 
 
@@ -236,7 +256,7 @@ def validate(cfg: Config, docs: bool = True, store: bool = True, data: dict | No
         for name, (suite, df, features) in data.items():
             safe = name.replace(":", "__")
             previous = {(e, c): v for (s, e, c), v in prev.items() if s == name}
-            exps = suite_expectations(suite, df.columns, params, previous, features)
+            exps = suite_expectations(suite, df.columns, params, previous, features, frame=df)
             gsuite = _replace(ctx.suites, safe, gx.ExpectationSuite(
                 name=safe, expectations=[get_expectation_impl(t)(**kw) for t, kw in exps]))
             try:

@@ -37,8 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--bootstrap-servers",
                    help="Kafka: an existing broker (topics under a fresh prefix); default: a local broker in "
                         "<data-dir>/kafka, started for the demo and stopped after it")
-    p.add_argument("--batch-interval", default="5h",
-                   help="Kafka: event time per slice (a replay of 10 days: ~5 h, as the files' slices)")
+    p.add_argument("--batch-interval", default="6h",
+                   help="Kafka: event time per slice (a replay of 10 days: 6 h, the learner's snapshot interval)")
     args = p.parse_args(argv)
 
     root = Path(args.data_dir).resolve()

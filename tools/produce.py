@@ -36,7 +36,9 @@ def producer(cfg, bootstrap: str | None = None, **extra):
 
     conf = {**librdkafka_config(client_config(cfg, bootstrap)), "linger.ms": 20, "batch.num.messages": 10000,
             "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4", "enable.idempotence": True,
-            "message.max.bytes": 2 * 1024 * 1024, **extra}
+            "message.max.bytes": 2 * 1024 * 1024,
+            "log_level": 3,              # errors; a broker still loading its coordinator is retried, not news
+            **extra}
     return Producer(conf)
 
 
