@@ -12,7 +12,7 @@ JVM := .jvm
 KAFKA_STAMP := $(JVM)/.fetched
 
 .DEFAULT_GOAL := help
-.PHONY: help venv kafka-jars kafka-up kafka-down redis postgres chromium demo report test test-fast bench cluster-up cluster-down submit simulate lock clean
+.PHONY: help venv kafka-jars kafka-up kafka-down redis postgres chromium demo report test fuzz test-fast bench cluster-up cluster-down submit simulate lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ postgres: ## install Debian's postgresql if missing (the at-scale test starts it
 
 test: $(STAMP) $(KAFKA_STAMP) redis postgres chromium ## run the whole test suite (unit, mini-cluster job tests, cluster submission, Feast on Redis, the at-scale profile on PostgreSQL + S3 + Redis)
 	$(BIN)/python -m pytest
+
+fuzz: $(STAMP) ## the property-based fuzz tests at full strength (10,000 inputs per target; make test runs 2,500)
+	STREAMLIFT_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py
 
 test-fast: $(STAMP) ## unit tests only (no JVM)
 	$(BIN)/python -m pytest -m "not slow"

@@ -1,10 +1,12 @@
 """Property-based fuzzing (hypothesis) of the contracts, the slice reader and the features
 engine: arbitrary bytes, arbitrary JSON, arbitrary orders and duplicates. No crash, every record
-accounted for, the engine (at 1-3 shards) equal to the batch reference. Slow: 10,000 inputs per
-contract target, 10,000 reader slices, 300 engine streams (README)."""
+accounted for, the engine (at 1-3 shards) equal to the batch reference. Slow. ``make test``:
+2,500 inputs per contract target, 2,500 reader slices, 75 engine streams; ``make fuzz``
+(STREAMLIFT_FUZZ_EXAMPLES=10000): 10,000 each and 300 engine streams (README)."""
 
 import json
 import math
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +17,8 @@ from udfs.validation import Validator
 
 pytestmark = pytest.mark.slow
 T0 = 1_767_225_600_000
-FUZZ = settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("STREAMLIFT_FUZZ_EXAMPLES", "2500"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
@@ -121,7 +124,7 @@ def streams(draw):
     return slices, draw(st.integers(1, 3))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=max(30, EXAMPLES * 3 // 100), deadline=None, suppress_health_check=list(HealthCheck))
 @given(streams())
 def test_the_sharded_engine_equals_the_batch_reference_on_arbitrary_streams(case):
     from reference import reference
