@@ -98,7 +98,7 @@ def build(env, cfg: Config, input_dir: Path | None, follow: bool = False, kafka:
     to_merge = OutputTag("to-merge", keyed_type())
     to_online = OutputTag("to-online", keyed_type())
     # on Kafka the slices are handed off on the hand-off topic (kafka.handoff), not as hand-off lines
-    handoff = kafka is not None and bool(cfg.kafka.get("handoff", True))
+    handoff = kafka is not None and bool(cfg.kafka["handoff"])
     to_handoff = OutputTag("to-handoff", Types.PRIMITIVE_ARRAY(Types.BYTE()))
 
     def group(stream, name):

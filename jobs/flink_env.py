@@ -328,7 +328,7 @@ def run_handoff_job(cfg: Config, name: str, build, summarize, input_dir: Path | 
 def default_handoff(cfg: Config, input_dir: Path) -> str:
     """``files`` when ``input_dir`` holds hand-off lines (the features job read files, or handed
     off on files), else ``kafka`` when ``kafka.handoff`` is on."""
-    if (Path(input_dir) / "handoff").is_dir() or not cfg.kafka.get("handoff", True):
+    if (Path(input_dir) / "handoff").is_dir() or not cfg.kafka["handoff"]:
         return "files"
     return "kafka"
 

@@ -156,7 +156,8 @@ def offsets(cfg, bootstrap: str | None = None, timeout: float = 15.0) -> dict[st
                     except KafkaException as e:
                         # a topic just created: its leader may not answer yet (NOT_LEADER_FOR_PARTITION,
                         # LEADER_NOT_AVAILABLE); retried until the timeout
-                        if not e.args[0].retriable() and "leader" not in str(e).lower() or time.time() > deadline:
+                        leaderless = e.args[0].retriable() or "leader" in str(e).lower()
+                        if not leaderless or time.time() > deadline:
                             raise
                         time.sleep(0.2)
         return out

@@ -17,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from udfs.features import parse_duration
-from udfs.ingest import handoff_lines
+from udfs.ingest import handoff_lines, read_handoff
 from udfs.metrics import auc, ece, log_loss, qini_coefficient
 
-__all__ = ["truth_labels", "job_scores", "handoff_records", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality",
+__all__ = ["truth_labels", "job_scores", "handoff_slices", "learn_all", "oracle_scores", "vw_scores", "ctr_quality", "quality",
            "truth_handoff", "uplift_quality", "uplift_run"]
 
 
@@ -37,16 +37,21 @@ def job_scores(cfg) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def handoff_records(cfg, input_dir=None) -> list:
-    """The features job's hand-off of a run: the hand-off lines under ``<input_dir>/handoff``
-    (default: the data dir) when it handed off on files, else the hand-off topic's committed
-    records (``jobs.kafka.committed_handoff``)."""
-    d = Path(input_dir or cfg.data_dir)
-    if (d / "handoff").is_dir():
-        return handoff_lines(d)
-    from jobs.kafka import committed_handoff
+def handoff_slices(cfg, input_dir=None) -> list:
+    """The features job's hand-off of a run, decoded (``udfs.ingest.HandoffSlice``): the
+    hand-off lines under ``<input_dir>/handoff`` (default: the data dir), or the hand-off
+    topic's committed records (``jobs.kafka.committed_handoff``), as the consumers choose
+    (``jobs.flink_env.default_handoff``)."""
+    from jobs.flink_env import default_handoff
 
-    return committed_handoff(cfg)
+    d = Path(input_dir or cfg.data_dir)
+    if default_handoff(cfg, d) == "files":
+        records = handoff_lines(d)
+    else:
+        from jobs.kafka import committed_handoff
+
+        records = committed_handoff(cfg)
+    return [read_handoff(r) for r in records]
 
 
 def learn_all(learner, slices) -> pd.DataFrame:
@@ -60,11 +65,11 @@ def learn_all(learner, slices) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def oracle_scores(cfg, truth: pd.DataFrame) -> pd.DataFrame:
-    """The oracle learner over the features job's hand-off, labels from the truth."""
+def oracle_scores(cfg, truth: pd.DataFrame, slices=None) -> pd.DataFrame:
+    """The oracle learner over the features job's hand-off (``slices``, default: the run's),
+    labels from the truth."""
     import dataclasses
 
-    from udfs.ingest import read_handoff
     from udfs.learners import OnlineLearner
 
     lab = truth.set_index("decision_id")[["true_click", "true_conversion"]]
@@ -75,23 +80,22 @@ def oracle_scores(cfg, truth: pd.DataFrame) -> pd.DataFrame:
         return dataclasses.replace(s, decisions=s.decisions.to_pandas().join(lab, on="decision_id"))
 
     lrn = OnlineLearner(**{**cfg.learner_params(), "labels": "oracle"})
-    return learn_all(lrn, (labelled(read_handoff(line)) for line in handoff_records(cfg)))
+    return learn_all(lrn, (labelled(s) for s in (handoff_slices(cfg) if slices is None else slices)))
 
 
-def vw_scores(cfg, input_dir=None) -> tuple[pd.DataFrame, dict]:
+def vw_scores(cfg, input_dir=None, slices=None) -> tuple[pd.DataFrame, dict]:
     """Vowpal Wabbit's first-sight CTR scores over the hand-off of ``input_dir`` (default: the
-    data dir), with its examples and seconds (VW's own work: building its text examples from
-    the slice, predicting, learning; reading the slices is left out, as for the learner)."""
+    data dir; or the decoded ``slices``), with its examples and seconds (VW's own work: building
+    its text examples from the slice, predicting, learning; reading the slices is left out, as
+    for the learner)."""
     import time
 
     from udfs.baselines import VowpalCTR
-    from udfs.ingest import read_handoff
 
     p = cfg.learner_params()
     vw = VowpalCTR(p["half_lives"], p["click_window"], p["label_wait"])
     out, seconds = [], 0.0
-    for line in handoff_records(cfg, input_dir):
-        s = read_handoff(line)
+    for s in handoff_slices(cfg, input_dir) if slices is None else slices:
         t0 = time.perf_counter()
         sc = vw.offer(s.decisions, s.outcomes, s.clock)
         seconds += time.perf_counter() - t0
@@ -158,6 +162,7 @@ def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True, vw: bool = Tr
     sc = job_scores(cfg).merge(truth[cols], on="decision_id")
     sc = sc[sc.event_time >= t0]
     tr = sc[sc.arm == "treatment"]
+    slices = handoff_slices(cfg) if (oracle or vw) else None       # read once for both baselines
     res = {"decisions_scored": int(len(sc)), "warmup": warmup,
            "ctr": {"auc": auc(tr.ctr, tr.true_click), "log_loss": log_loss(tr.ctr, tr.true_click),
                    "ece": ece(tr.ctr, tr.true_click), "auc_true_p": auc(tr.p_click, tr.true_click),
@@ -186,7 +191,7 @@ def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True, vw: bool = Tr
         if k in res["uplift"]:
             res["uplift"][k.replace("qini", "ratio")] = res["uplift"][k] / best
     if oracle:
-        o = oracle_scores(cfg, truth).merge(truth[cols], on="decision_id")
+        o = oracle_scores(cfg, truth, slices).merge(truth[cols], on="decision_id")
         o = o[o.event_time >= t0]
         otr = o[o.arm == "treatment"]
         res["oracle"] = {"ctr_auc": auc(otr.ctr, otr.true_click), "ctr_log_loss": log_loss(otr.ctr, otr.true_click),
@@ -197,7 +202,7 @@ def quality(cfg, sim_dir, warmup: str = "1d", oracle: bool = True, vw: bool = Tr
         gap = res["oracle"]["conversion_auc"] - c["auc_naive"]
         c["gap_closed"] = (c["auc"] - c["auc_naive"]) / gap if gap > 0 else float("nan")
     if vw:
-        v, timing = vw_scores(cfg)
+        v, timing = vw_scores(cfg, slices=slices)
         res["vw"] = {**ctr_quality(v, truth, t0), **timing}
     return res
 

@@ -280,9 +280,6 @@ class DelayModel(ABC):
                 H[S, S] -= pb
         return (ll, g, H) if hess else (ll, g)
 
-    def _hessian(self, theta):
-        return self._objective(theta, hess=True)[2]
-
     # ------------------------------------------------------------ use
     def interim_label(self, elapsed, window=None, stratum=0):
         """P(a conversion (within ``window`` hours) | none after ``elapsed`` hours)."""
@@ -433,9 +430,9 @@ class WeibullCureModel(DelayModel):
                 ex._center = self._center
             t0 = ex._start(None, n_s, nc_s)
             for _ in range(3):                            # a few Newton steps suffice to start
-                ll, g = ex._objective(t0)
+                ll, g, H = ex._objective(t0, hess=True)
                 try:
-                    t0 = np.clip(t0 - np.clip(np.linalg.solve(ex._hessian(t0), g), -2, 2), -30, 30)
+                    t0 = np.clip(t0 - np.clip(np.linalg.solve(H, g), -2, 2), -30, 30)
                 except np.linalg.LinAlgError:
                     break
             theta = np.concatenate([t0, [0.0]])
